@@ -1,0 +1,23 @@
+"""nflax: normalizing flows for JAX, built on Flax NNX and optax.
+
+Direction convention: ``forward`` maps data → latent (normalizing), ``inverse`` maps
+latent → data (sampling); ``log p(x) = log p_base(f(x)) + log|det ∂f/∂x|``.
+"""
+
+from nflax import bijections, datasets, distributions, flows, nets
+from nflax.distributions import Flow, StandardNormal
+from nflax.training import History, fit, nll
+
+__all__ = [
+    "Flow",
+    "History",
+    "StandardNormal",
+    "bijections",
+    "datasets",
+    "distributions",
+    "fit",
+    "flows",
+    "nets",
+    "nll",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,274 @@
+"""The bijection contract, composition (`Chain`), direction swap (`Invert`) and `Stack`.
+
+Direction convention (see DESIGN.md): ``forward`` is the *normalizing* direction, data ``x`` →
+latent ``z``; ``inverse`` is the *generating* direction, latent ``z`` → data ``x``. Both return
+the transformed array and the log-determinant of the Jacobian of the map they apply, so
+``log p(x) = log p_base(forward(x)[0]) + forward(x)[1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array that belongs to a layer (masks, permutations).
+
+    It travels with the module (stacking, checkpoints) but the optimizer never sees it.
+    """
+
+
+class Bijection(nnx.Module):
+    """An invertible map with a tractable log-determinant.
+
+    Subclasses set ``self.event_shape`` (and ``self.context_dim`` when they are conditional) in
+    ``__init__`` and implement ``_forward`` and ``_inverse``. The public :meth:`forward` and
+    :meth:`inverse` check shapes once, here, and then call them.
+
+    * ``x.shape == (*batch, *event_shape)``; the returned log-determinant has shape ``batch``.
+    * ``context`` (conditional layers only) has shape ``(*batch, context_dim)`` or broadcasts
+      to it. Unconditional layers ignore it, so a conditional flow can pass it to every layer.
+    """
+
+    event_shape: tuple[int, ...] = ()
+    context_dim: int | None = None
+
+    # -- the contract ---------------------------------------------------------------------
+    def forward(self, x: Array, context: Array | None = None) -> tuple[Array, Array]:
+        """Normalizing direction, data → latent. Returns ``(z, log|det ∂z/∂x|)``."""
+        context = self._check(x, context, "forward")
+        return self._forward(x, context)
+
+    def inverse(self, z: Array, context: Array | None = None) -> tuple[Array, Array]:
+        """Generating direction, latent → data. Returns ``(x, log|det ∂x/∂z|)``."""
+        context = self._check(z, context, "inverse")
+        return self._inverse(z, context)
+
+    def _forward(self, x: Array, context: Array | None) -> tuple[Array, Array]:
+        raise NotImplementedError
+
+    def _inverse(self, z: Array, context: Array | None) -> tuple[Array, Array]:
+        raise NotImplementedError
+
+    # -- trajectories ----------------------------------------------------------------------
+    def trajectory(self, x: Array, context: Array | None = None) -> list[Array]:
+        """The batch after each elementary layer, data → latent, input first."""
+        return [x, self.forward(x, context)[0]]
+
+    def inverse_trajectory(self, z: Array, context: Array | None = None) -> list[Array]:
+        """The batch after each elementary layer, latent → data, input (noise) first."""
+        return [z, self.inverse(z, context)[0]]
+
+    def layer_names(self) -> list[str]:
+        """Names of the elementary layers, in forward order (one per trajectory step)."""
+        return [type(self).__name__]
+
+    # -- checks ----------------------------------------------------------------------------
+    def _check(self, x: Array, context: Array | None, direction: str) -> Array | None:
+        name = type(self).__name__
+        event = tuple(self.event_shape)
+        k = len(event)
+        shape = tuple(jnp.shape(x))
+        if len(shape) < k or shape[len(shape) - k :] != event:
+            raise ValueError(
+                f"{name}.{direction}: expected input of shape (*batch, {', '.join(map(str, event))})"
+                f" (event shape {event}), received shape {shape}"
+            )
+        if self.context_dim is None:
+            return context
+        if context is None:
+            raise ValueError(
+                f"{name}.{direction}: this layer is conditional and needs a context of shape "
+                f"(*batch, {self.context_dim}); received none"
+            )
+        cshape = tuple(jnp.shape(context))
+        batch = shape[: len(shape) - k]
+        if len(cshape) < 1 or cshape[-1] != self.context_dim:
+            raise ValueError(
+                f"{name}.{direction}: expected context of shape (*batch, {self.context_dim}), "
+                f"received shape {cshape}"
+            )
+        try:
+            target = jnp.broadcast_shapes(cshape[:-1], batch)
+        except ValueError:
+            target = None
+        if target != batch:
+            raise ValueError(
+                f"{name}.{direction}: context batch shape {cshape[:-1]} does not broadcast to the "
+                f"input batch shape {batch}"
+            )
+        return jnp.broadcast_to(context, (*batch, self.context_dim))
+
+
+def sum_event(a: Array, event_ndim: int) -> Array:
+    """Sum the trailing ``event_ndim`` axes of ``a`` (the per-element log-dets of an event)."""
+    return a.sum(axis=tuple(range(a.ndim - event_ndim, a.ndim))) if event_ndim else a
+
+
+def _common_context_dim(layers: Sequence[Bijection]) -> int | None:
+    dims = {b.context_dim for b in layers if b.context_dim is not None}
+    if len(dims) > 1:
+        raise ValueError(f"Chain: layers disagree on context_dim: {sorted(dims)}")
+    return dims.pop() if dims else None
+
+
+class Chain(Bijection):
+    """Composition ``f = f_n ∘ … ∘ f_1`` (``layers[0]`` is applied first in the forward pass).
+
+    forward:  ``z = f_n(…f_1(x))``,  ``log|det J_f(x)| = Σ_i log|det J_{f_i}(h_{i-1})|``
+    inverse:  ``x = f_1⁻¹(…f_n⁻¹(z))``, log-det the sum of the inverses' log-dets.
+    """
+
+    def __init__(self, layers: Sequence[Bijection]):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Chain: needs at least one layer, received an empty list")
+        for i, b in enumerate(layers):
+            if not isinstance(b, Bijection):
+                raise ValueError(f"Chain: layer {i} is a {type(b).__name__}, not a Bijection")
+            if tuple(b.event_shape) != tuple(layers[0].event_shape):
+                raise ValueError(
+                    f"Chain: layer {i} ({type(b).__name__}) has event shape {b.event_shape}, "
+                    f"expected {layers[0].event_shape} like layer 0"
+                )
+        self.layers = nnx.List(layers)
+        self.event_shape = tuple(layers[0].event_shape)
+        self.context_dim = _common_context_dim(layers)
+
+    def _forward(self, x, context):
+        total = jnp.zeros(x.shape[: x.ndim - len(self.event_shape)], x.dtype)
+        for b in self.layers:
+            x, ld = b.forward(x, context)
+            total = total + ld
+        return x, total
+
+    def _inverse(self, z, context):
+        total = jnp.zeros(z.shape[: z.ndim - len(self.event_shape)], z.dtype)
+        for b in reversed(self.layers):
+            z, ld = b.inverse(z, context)
+            total = total + ld
+        return z, total
+
+    def trajectory(self, x, context=None):
+        self._check(x, context, "trajectory")
+        out = [x]
+        for b in self.layers:
+            out.extend(b.trajectory(out[-1], context)[1:])
+        return out
+
+    def inverse_trajectory(self, z, context=None):
+        self._check(z, context, "inverse_trajectory")
+        out = [z]
+        for b in reversed(self.layers):
+            out.extend(b.inverse_trajectory(out[-1], context)[1:])
+        return out
+
+    def layer_names(self):
+        return [n for b in self.layers for n in b.layer_names()]
+
+
+class Invert(Bijection):
+    """Swap the directions of a bijection: ``Invert(b).forward = b.inverse`` and vice versa.
+
+    forward: ``z = b⁻¹(x)`` with log-det ``log|det J_{b⁻¹}(x)|``; inverse: ``x = b(z)``.
+    This turns a MAF (fast density) into an IAF (fast sampling).
+    """
+
+    def __init__(self, bijection: Bijection):
+        if not isinstance(bijection, Bijection):
+            raise ValueError(f"Invert: expected a Bijection, received {type(bijection).__name__}")
+        self.bijection = bijection
+        self.event_shape = tuple(bijection.event_shape)
+        self.context_dim = bijection.context_dim
+
+    def _forward(self, x, context):
+        return self.bijection.inverse(x, context)
+
+    def _inverse(self, z, context):
+        return self.bijection.forward(z, context)
+
+    def trajectory(self, x, context=None):
+        return self.bijection.inverse_trajectory(x, context)
+
+    def inverse_trajectory(self, z, context=None):
+        return self.bijection.trajectory(z, context)
+
+    def layer_names(self):
+        return [f"Invert({n})" for n in reversed(self.bijection.layer_names())]
+
+
+class Stack(Bijection):
+    """``n`` structurally identical layers, parameters stacked, run with ``jax.lax.scan``.
+
+    Mathematically the same as ``Chain(layers)``, but the layer is traced and compiled once,
+    so compile time does not grow with depth. Layers may differ in their array values (weights,
+    masks stored as :class:`Buffer`), not in structure. Per-layer state that a layer would
+    mutate during a call (e.g. data-dependent initialisation) is not supported inside a Stack.
+    """
+
+    def __init__(self, layers: Sequence[Bijection], *, unroll: int = 1):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Stack: needs at least one layer, received an empty list")
+        graphdef, first = nnx.split(layers[0])
+        states = [first]
+        for i, b in enumerate(layers[1:], start=1):
+            g, s = nnx.split(b)
+            if g != graphdef:
+                raise ValueError(
+                    f"Stack: layer {i} ({type(b).__name__}) differs in structure from layer 0 "
+                    f"({type(layers[0]).__name__}); use Chain for heterogeneous layers"
+                )
+            states.append(s)
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+        self.layer = nnx.merge(graphdef, stacked)
+        self.num_layers = len(layers)
+        self.unroll = int(unroll)
+        self.event_shape = tuple(layers[0].event_shape)
+        self.context_dim = layers[0].context_dim
+        self._names = layers[0].layer_names()
+
+    def _scan(self, h, context, inverse: bool, want_traj: bool = False):
+        graphdef, state = nnx.split(self.layer)
+
+        def body(h, s):
+            layer = nnx.merge(graphdef, s)
+            if inverse:
+                y, ld = layer.inverse(h, context)
+                traj = layer.inverse_trajectory(h, context)[1:] if want_traj else []
+            else:
+                y, ld = layer.forward(h, context)
+                traj = layer.trajectory(h, context)[1:] if want_traj else []
+            return y, (ld, traj)
+
+        return jax.lax.scan(body, h, state, reverse=inverse, unroll=self.unroll)
+
+    def _forward(self, x, context):
+        y, (ld, _) = self._scan(x, context, inverse=False)
+        return y, ld.sum(0)
+
+    def _inverse(self, z, context):
+        y, (ld, _) = self._scan(z, context, inverse=True)
+        return y, ld.sum(0)
+
+    def _trajectories(self, h, context, inverse):
+        _, (_, traj) = self._scan(h, context, inverse, want_traj=True)
+        order = range(self.num_layers - 1, -1, -1) if inverse else range(self.num_layers)
+        return [h] + [t[i] for i in order for t in traj]
+
+    def trajectory(self, x, context=None):
+        self._check(x, context, "trajectory")
+        return self._trajectories(x, context, inverse=False)
+
+    def inverse_trajectory(self, z, context=None):
+        self._check(z, context, "inverse_trajectory")
+        return self._trajectories(z, context, inverse=True)
+
+    def layer_names(self):
+        return self._names * self.num_layers

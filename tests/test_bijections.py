@@ -1,0 +1,207 @@
+"""One registry of bijections, one parametrized test of the whole contract.
+
+Adding a bijection = adding one line to ``REGISTRY``: a name and a factory
+``(dim, rngs) -> Bijection``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import jacobian_log_det, perturb
+
+import nflax
+from nflax.bijections import (
+    AffineCoupling,
+    Bijection,
+    Chain,
+    Invert,
+    LeakyReLU,
+    Stack,
+    alternating_mask,
+)
+from nflax.nets import MLP
+
+
+def _coupling(dim, rngs, parity=0, context_dim=None):
+    net = MLP(dim + (context_dim or 0), 2 * dim, hidden=(16, 16), rngs=rngs)
+    return AffineCoupling(alternating_mask(dim, parity), net, context_dim=context_dim)
+
+
+REGISTRY = {
+    "leaky_relu": lambda d, r: LeakyReLU(d),
+    "affine_coupling": lambda d, r: _coupling(d, r),
+    "affine_coupling_odd": lambda d, r: _coupling(d, r, parity=1),
+    "chain": lambda d, r: Chain([_coupling(d, r), LeakyReLU(d), _coupling(d, r, 1)]),
+    "invert": lambda d, r: Invert(Chain([_coupling(d, r), LeakyReLU(d)])),
+    "stack": lambda d, r: Stack([Chain([_coupling(d, r, i % 2), LeakyReLU(d)]) for i in range(3)]),
+    "realnvp": lambda d, r: nflax.flows.realnvp(d, num_layers=4, hidden=(16,), rngs=r).bijection,
+    "realnvp_leaky": lambda d, r: nflax.flows.realnvp(
+        d, num_layers=3, hidden=(16,), leaky_relu=True, rngs=r
+    ).bijection,
+}
+# Conditional variants: factory (dim, rngs, context_dim) -> Bijection.
+CONDITIONAL = {
+    "affine_coupling": lambda d, r, c: _coupling(d, r, context_dim=c),
+    "realnvp": lambda d, r, c: nflax.flows.realnvp(
+        d, num_layers=3, hidden=(16,), context_dim=c, rngs=r
+    ).bijection,
+}
+DIMS = [1, 2, 5]
+
+
+def _make(factory, dim, seed=0):
+    b = factory(dim, nnx.Rngs(seed))
+    perturb(b, jax.random.key(seed + 100))
+    return b
+
+
+def _inputs(dim, n=7, seed=1):
+    # Scale 2 so that LeakyReLU and tanh-bounded scales see both signs and large values.
+    return 2.0 * jax.random.normal(jax.random.key(seed), (n, dim))
+
+
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_contract(name, dim):
+    b = _make(REGISTRY[name], dim)
+    assert isinstance(b, Bijection)
+    x = _inputs(dim)
+    z, ld = b.forward(x)
+    assert z.shape == x.shape and ld.shape == (x.shape[0],)
+    x2, ld_inv = b.inverse(z)
+    np.testing.assert_allclose(x2, x, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ld_inv, -ld, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(ld, jacobian_log_det(lambda v: b.forward(v)[0], x), atol=1e-4)
+    np.testing.assert_allclose(
+        ld_inv, jacobian_log_det(lambda v: b.inverse(v)[0], z), atol=1e-4, rtol=1e-5
+    )
+    # leading batch dims of any rank
+    z3, ld3 = b.forward(x.reshape(1, 7, dim))
+    assert z3.shape == (1, 7, dim) and ld3.shape == (1, 7)
+    np.testing.assert_allclose(ld3[0], ld, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_jit_matches_eager_and_gradients_finite(name):
+    b = _make(REGISTRY[name], 2)
+    x = _inputs(2)
+    graphdef, state = nnx.split(b)
+
+    def f(state, x):
+        z, ld = nnx.merge(graphdef, state).forward(x)
+        return z, ld
+
+    z_e, ld_e = b.forward(x)
+    z_j, ld_j = jax.jit(f)(state, x)
+    np.testing.assert_allclose(z_j, z_e, atol=1e-6)
+    np.testing.assert_allclose(ld_j, ld_e, atol=1e-5)
+
+    graphdef, params, rest = nnx.split(b, nnx.Param, ...)
+
+    def loss(p):
+        z, ld = nnx.merge(graphdef, p, rest).forward(x)
+        return jnp.sum(z**2) - jnp.sum(ld)
+
+    grads = jax.grad(loss)(params)
+    leaves = jax.tree.leaves(grads)
+    assert leaves, "bijection has no parameters"
+    for g in leaves:
+        assert np.all(np.isfinite(g))
+    # every parameter array receives some gradient
+    assert all(np.any(np.asarray(g) != 0) for g in leaves), "a parameter gets no gradient"
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+@pytest.mark.parametrize("name", sorted(CONDITIONAL))
+def test_contract_with_context(name, dim):
+    b = CONDITIONAL[name](dim, nnx.Rngs(0), 3)
+    perturb(b, jax.random.key(5))
+    x = _inputs(dim)
+    c = jax.random.normal(jax.random.key(2), (7, 3))
+    z, ld = b.forward(x, c)
+    x2, ld_inv = b.inverse(z, c)
+    np.testing.assert_allclose(x2, x, atol=1e-5)
+    np.testing.assert_allclose(ld_inv, -ld, atol=1e-4)
+    np.testing.assert_allclose(ld, jacobian_log_det(lambda v, ci: b.forward(v, ci)[0], x, c), atol=1e-4)
+    # the context matters
+    z_other, _ = b.forward(x, c + 1.0)
+    assert not np.allclose(z_other, z)
+    # a single context row broadcasts over the batch
+    zb, _ = b.forward(x, c[:1])
+    np.testing.assert_allclose(zb, b.forward(x, jnp.broadcast_to(c[:1], (7, 3)))[0], atol=1e-6)
+    with pytest.raises(ValueError, match="context"):
+        b.forward(x)
+    with pytest.raises(ValueError, match=r"context of shape \(\*batch, 3\)"):
+        b.forward(x, c[:, :2])
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_wrong_event_shape_is_a_clear_error(name):
+    b = _make(REGISTRY[name], 2)
+    with pytest.raises(ValueError, match=r"expected input of shape \(\*batch, 2\).*received shape \(7, 3\)"):
+        b.forward(jnp.zeros((7, 3)))
+    with pytest.raises(ValueError, match=r"received shape \(7, 3\)"):
+        b.inverse(jnp.zeros((7, 3)))
+
+
+def test_trajectory_matches_layers():
+    flow = nflax.flows.realnvp(2, num_layers=3, hidden=(8,), leaky_relu=True, rngs=nnx.Rngs(0))
+    perturb(flow, jax.random.key(0))
+    x = _inputs(2)
+    traj = flow.trajectory(x)
+    names = flow.layer_names()
+    assert len(traj) == len(names) + 1 == 7
+    assert names == ["AffineCoupling", "LeakyReLU"] * 3
+    np.testing.assert_allclose(traj[0], x)
+    np.testing.assert_allclose(traj[-1], flow.bijection.forward(x)[0], atol=1e-6)
+    back = flow.bijection.inverse_trajectory(traj[-1])
+    # the generating trajectory visits the same points in reverse order
+    for a, b in zip(back, reversed(traj), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_stack_equals_chain():
+    layers = [_coupling(2, nnx.Rngs(i), i % 2) for i in range(4)]
+    for i, layer in enumerate(layers):
+        perturb(layer, jax.random.key(i))
+    chain_z, chain_ld = Chain(layers).forward(_inputs(2))
+    stack_z, stack_ld = Stack(layers).forward(_inputs(2))
+    np.testing.assert_allclose(stack_z, chain_z, atol=1e-6)
+    np.testing.assert_allclose(stack_ld, chain_ld, atol=1e-5)
+
+
+def test_stack_rejects_heterogeneous_layers():
+    with pytest.raises(ValueError, match="differs in structure"):
+        Stack([LeakyReLU(2), _coupling(2, nnx.Rngs(0))])
+
+
+def test_leaky_relu_tutorial_init():
+    b = LeakyReLU(2)
+    assert float(jax.nn.sigmoid(b.a[...])) == pytest.approx(0.7310586)
+    z, ld = b.forward(jnp.array([[-1.0, 2.0]]))
+    np.testing.assert_allclose(z, [[-0.7310586, 2.0]], rtol=1e-6)
+    np.testing.assert_allclose(ld, [np.log(0.7310586)], rtol=1e-6)
+
+
+def test_coupling_starts_at_identity_and_bounds_scale():
+    b = _coupling(2, nnx.Rngs(0))
+    x = _inputs(2)
+    z, ld = b.forward(x)
+    np.testing.assert_allclose(z, x)
+    np.testing.assert_allclose(ld, 0.0)
+    # |s| ≤ e^c: with huge conditioner outputs the per-dimension log-scale stays within ±1
+    perturb(b, jax.random.key(0), scale=50.0)
+    nnx.update(b, {"c": jnp.zeros(2)})
+    _, ld = b.forward(100 * x)
+    assert np.all(np.abs(ld) <= 1.0 + 1e-6)
+
+
+def test_bad_masks_and_chains():
+    with pytest.raises(ValueError, match="mask"):
+        AffineCoupling([0.5, 1.0], MLP(2, 4, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="event shape"):
+        Chain([LeakyReLU(2), LeakyReLU(3)])
+    with pytest.raises(ValueError, match="empty"):
+        Chain([])
