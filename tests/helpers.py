@@ -10,7 +10,10 @@ def perturb(module: nnx.Module, key, scale: float = 0.3) -> None:
     state = nnx.state(module, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(key, max(len(leaves), 1))
-    noisy = [v + scale * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)]
+    noisy = [
+        v + scale * jax.random.normal(k, v.shape, v.dtype)
+        for v, k in zip(leaves, keys, strict=False)
+    ]
     nnx.update(module, jax.tree.unflatten(treedef, noisy))
 
 

@@ -116,8 +116,10 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Dataset:
-    """The data set called ``name``; an unknown name raises ``ValueError`` listing the known ones."""
+    """The data set ``name``; an unknown name raises ``ValueError`` listing the known ones."""
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(names())}") from None
+        raise ValueError(
+            f"unknown dataset {name!r}; known datasets: {', '.join(names())}"
+        ) from None

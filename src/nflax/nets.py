@@ -40,7 +40,9 @@ class MLP(nnx.Module):
         self.hidden = nnx.List(
             [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
         )
-        init = nnx.initializers.zeros_init() if zero_init_output else nnx.initializers.lecun_normal()
+        init = (
+            nnx.initializers.zeros_init() if zero_init_output else nnx.initializers.lecun_normal()
+        )
         self.out = nnx.Linear(sizes[-1], int(out_features), kernel_init=init, rngs=rngs)
         self.activation = activation
         self.in_features = int(in_features)

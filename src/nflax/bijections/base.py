@@ -76,8 +76,9 @@ class Bijection(nnx.Module):
         k = len(event)
         shape = tuple(jnp.shape(x))
         if len(shape) < k or shape[len(shape) - k :] != event:
+            dims = ", ".join(map(str, event))
             raise ValueError(
-                f"{name}.{direction}: expected input of shape (*batch, {', '.join(map(str, event))})"
+                f"{name}.{direction}: expected input of shape (*batch, {dims})"
                 f" (event shape {event}), received shape {shape}"
             )
         if self.context_dim is None:
