@@ -99,10 +99,13 @@ def check_data(x, event_shape: tuple[int, ...], name: str = "x") -> np.ndarray:
 
 
 def _nll(graphdef, params, rest, x, w=None):
-    lp = nnx.merge(graphdef, params, rest).log_prob(x)
+    """Mean NLL of ``x`` (weights ``w``) and the model's non-parameter state after the call."""
+    model = nnx.merge(graphdef, params, rest)
+    lp = model.log_prob(x)
+    new_rest = nnx.state(model, nnx.Not(nnx.Param))
     if w is None:
-        return -jnp.mean(lp)
-    return -jnp.sum(lp * w) / jnp.sum(w)
+        return -jnp.mean(lp), new_rest
+    return -jnp.sum(lp * w) / jnp.sum(w), new_rest
 
 
 def _tree_where(c, a, b):
@@ -181,6 +184,11 @@ def fit(
       A :class:`History`. A non-finite loss or gradient stops training (``stop_reason
       "non_finite"``) and leaves the last finite parameters.
 
+    Layers with batch statistics (BatchNorm) train in training mode and are validated in
+    evaluation mode; ``fit`` leaves the flow in evaluation mode (``flow.train()`` switches
+    back). Layers with data-dependent initialisation (ActNorm) are initialised on the first
+    training batch before the first step.
+
     >>> import nflax, jax
     >>> flow = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
     >>> data = nflax.datasets.get("banana").sample(jax.random.key(0), 64)
@@ -232,6 +240,14 @@ def fit(
     tx = optimizer if optimizer is not None else optax.adamw(1e-3)
     if max_grad_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), tx)
+    if any(getattr(m, "needs_data_init", False) for _, m in nnx.iter_graph(flow)):
+        # Data-dependent initialisation (ActNorm) runs once, eagerly, on the first batch.
+        flow.train()
+        flow.log_prob(x_train[:bsz])
+    # Training mode (batch statistics) for the steps, evaluation mode for the validation NLL.
+    flow.eval()
+    graphdef_eval = nnx.split(flow, nnx.Param, ...)[0]
+    flow.train()
     graphdef, params, rest = nnx.split(flow, nnx.Param, ...)
     opt_state = tx.init(params)
     pad = num_batches * bsz - n_train
@@ -252,16 +268,20 @@ def fit(
         w = ((b * bsz + jnp.arange(bsz)) < n_train).astype(x_train.dtype)
         return x_train[idx], w, perm
 
-    def do_step(carry, rest, x_train, x_val, total):
-        p = carry["params"]
+    def do_step(carry, x_train, x_val, total):
+        p, rest = carry["params"], carry["rest"]
         t = carry["step"]
         xb, w, perm = batch_at(carry)
-        loss, grads = jax.value_and_grad(lambda q: _nll(graphdef, q, rest, xb, w))(p)
+        (loss, new_rest), grads = jax.value_and_grad(
+            lambda q: _nll(graphdef, q, rest, xb, w), has_aux=True
+        )(p)
         finite = jnp.isfinite(loss) & _all_finite(grads)
         if has_val:
             do_eval = (t % eval_every == 0) | (t == total - 1)
             metric = jax.lax.cond(
-                do_eval, lambda: _nll(graphdef, p, rest, x_val), lambda: jnp.float32(jnp.nan)
+                do_eval,
+                lambda: _nll(graphdef_eval, p, rest, x_val)[0],
+                lambda: jnp.float32(jnp.nan),
             )
         else:
             do_eval, metric = jnp.array(True), loss
@@ -275,23 +295,25 @@ def fit(
             status = jnp.where(stop, _PATIENCE, status)
         new = dict(
             params=_tree_where(finite, new_p, p),
+            rest=_tree_where(finite, new_rest, rest),
             opt_state=_tree_where(finite, new_opt, carry["opt_state"]),
             perm=perm,
             step=jnp.where(finite, t + 1, t),
             best_params=_tree_where(improved, p, carry["best_params"]),
+            best_rest=_tree_where(improved, rest, carry["best_rest"]),
             best_metric=jnp.where(improved, metric, carry["best_metric"]),
             best_step=best_step,
             status=status,
         )
         return new, (jnp.where(finite, loss, jnp.nan), jnp.where(do_eval, metric, jnp.nan))
 
-    def chunk(carry, rest, x_train, x_val, total):
+    def chunk(carry, x_train, x_val, total):
         def body(c, _):
             active = (c["status"] == _RUNNING) & (c["step"] < total)
             nan = jnp.float32(jnp.nan)
             return jax.lax.cond(
                 active,
-                lambda c: do_step(c, rest, x_train, x_val, total),
+                lambda c: do_step(c, x_train, x_val, total),
                 lambda c: (c, (nan, nan)),
                 c,
             )
@@ -301,16 +323,18 @@ def fit(
     perm0 = jnp.zeros((num_batches * bsz if not full_batch else 1,), jnp.int32)
     carry = dict(
         params=params,
+        rest=rest,
         opt_state=opt_state,
         perm=perm0,
         step=jnp.int32(0),
         best_params=params,
+        best_rest=rest,
         best_metric=jnp.float32(jnp.inf),
         best_step=jnp.int32(-1),
         status=jnp.int32(_RUNNING),
     )
     total = jnp.int32(steps)
-    args = (rest, x_train, x_val, total)
+    args = (x_train, x_val, total)
     t0 = time.perf_counter()
     compiled = jax.jit(chunk, donate_argnums=0).lower(carry, *args).compile()
     compile_seconds = time.perf_counter() - t0
@@ -355,8 +379,11 @@ def fit(
     eval_mask = ~np.isnan(val_all[:steps_run]) if has_val else np.zeros(steps_run, bool)
     best_step = int(carry["best_step"])
     restored = bool(restore_best and best_step >= 0)
-    final = carry["best_params"] if restored else carry["params"]
-    nnx.update(flow, final)
+    if restored:
+        nnx.update(flow, carry["best_params"], carry["best_rest"])
+    else:
+        nnx.update(flow, carry["params"], carry["rest"])
+    flow.eval()
     return History(
         loss=loss_all[:steps_run],
         val_loss=val_all[:steps_run][eval_mask],

@@ -209,8 +209,9 @@ class Stack(Bijection):
 
     Mathematically the same as ``Chain(layers)``, but the layer is traced and compiled once,
     so compile time does not grow with depth. Layers may differ in their array values (weights,
-    masks stored as :class:`Buffer`), not in structure. Per-layer state that a layer would
-    mutate during a call (e.g. data-dependent initialisation) is not supported inside a Stack.
+    masks stored as :class:`Buffer`), not in structure. State that a layer mutates during a
+    call (running statistics, data-dependent initialisation) is carried out of the scan and
+    written back to each layer.
     """
 
     def __init__(self, layers: Sequence[Bijection], *, unroll: int = 1):
@@ -237,6 +238,7 @@ class Stack(Bijection):
 
     def _scan(self, h, context, inverse: bool, want_traj: bool = False):
         graphdef, state = nnx.split(self.layer)
+        mutable = nnx.Not(nnx.Any(nnx.Param, Buffer))
 
         def body(h, s):
             layer = nnx.merge(graphdef, s)
@@ -246,9 +248,12 @@ class Stack(Bijection):
             else:
                 y, ld = layer.forward(h, context)
                 traj = layer.trajectory(h, context)[1:] if want_traj else []
-            return y, (ld, traj)
+            return y, (ld, traj, nnx.state(layer, mutable))
 
-        return jax.lax.scan(body, h, state, reverse=inverse, unroll=self.unroll)
+        y, (ld, traj, new_state) = jax.lax.scan(body, h, state, reverse=inverse, unroll=self.unroll)
+        if jax.tree.leaves(new_state):  # running statistics, data-dependent init flags
+            nnx.update(self.layer, new_state)
+        return y, (ld, traj)
 
     def _forward(self, x, context):
         y, (ld, _) = self._scan(x, context, inverse=False)
