@@ -4,7 +4,8 @@ Direction convention: ``forward`` maps data → latent (normalizing), ``inverse`
 latent → data (sampling); ``log p(x) = log p_base(f(x)) + log|det ∂f/∂x|``.
 """
 
-from nflax import bijections, datasets, distributions, flows, nets
+from nflax import bijections, checkpoint, datasets, distributions, flows, nets, plotting
+from nflax.checkpoint import load, save
 from nflax.distributions import Flow, StandardNormal
 from nflax.training import History, fit, nll
 
@@ -13,11 +14,15 @@ __all__ = [
     "History",
     "StandardNormal",
     "bijections",
+    "checkpoint",
     "datasets",
     "distributions",
     "fit",
+    "load",
+    "save",
     "flows",
     "nets",
     "nll",
+    "plotting",
 ]
 __version__ = "0.1.0"

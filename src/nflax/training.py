@@ -37,12 +37,14 @@ class History:
     ``loss[t]`` is the training NLL (nats per point) of the batch used at step ``t``, computed
     with the parameters before that step's update; ``val_loss[i]`` is the validation NLL of the
     parameters at step ``val_steps[i]``. ``best_step`` is the step whose parameters the flow
-    holds at the end when the best parameters were restored.
+    holds at the end when the best parameters were restored. ``val_index`` lists the rows of
+    the data that were held out for validation.
     """
 
     loss: np.ndarray
     val_loss: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     val_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    val_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     stop_reason: str = "steps"
     steps_run: int = 0
     best_step: int | None = None
@@ -106,6 +108,22 @@ def _nll(graphdef, params, rest, x, w=None):
     if w is None:
         return -jnp.mean(lp), new_rest
     return -jnp.sum(lp * w) / jnp.sum(w), new_rest
+
+
+def epoch_permutation(key: Array, epoch, n: int, batch_size: int) -> Array:
+    """The visiting order of epoch ``epoch``: a permutation of ``range(n)``, padded with zeros
+    to a whole number of batches (``ceil(n / batch_size) · batch_size`` entries)."""
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    pad = -(-n // batch_size) * batch_size - n
+    return jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]) if pad else perm
+
+
+def batch_indices(perm: Array, b, n: int, batch_size: int) -> tuple[Array, Array]:
+    """Indices and 0/1 weights of batch ``b`` of an epoch; the padding of a last, smaller batch
+    has weight 0, so every batch has the same shape and nothing recompiles."""
+    idx = jax.lax.dynamic_slice(perm, (b * batch_size,), (batch_size,))
+    w = (b * batch_size + jnp.arange(batch_size)) < n
+    return idx, w
 
 
 def _tree_where(c, a, b):
@@ -250,23 +268,19 @@ def fit(
     flow.train()
     graphdef, params, rest = nnx.split(flow, nnx.Param, ...)
     opt_state = tx.init(params)
-    pad = num_batches * bsz - n_train
     patience_v = patience if patience is not None else -1
 
     def batch_at(carry):
         if full_batch:
             return x_train, None, carry["perm"]
         b = carry["step"] % num_batches
-
-        def new_perm():
-            epoch = carry["step"] // num_batches
-            p = jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), n_train)
-            return jnp.concatenate([p, jnp.zeros((pad,), p.dtype)]) if pad else p
-
-        perm = jax.lax.cond(b == 0, new_perm, lambda: carry["perm"])
-        idx = jax.lax.dynamic_slice(perm, (b * bsz,), (bsz,))
-        w = ((b * bsz + jnp.arange(bsz)) < n_train).astype(x_train.dtype)
-        return x_train[idx], w, perm
+        perm = jax.lax.cond(
+            b == 0,
+            lambda: epoch_permutation(key_shuffle, carry["step"] // num_batches, n_train, bsz),
+            lambda: carry["perm"],
+        )
+        idx, w = batch_indices(perm, b, n_train, bsz)
+        return x_train[idx], w.astype(x_train.dtype), perm
 
     def do_step(carry, x_train, x_val, total):
         p, rest = carry["params"], carry["rest"]
@@ -388,6 +402,7 @@ def fit(
         loss=loss_all[:steps_run],
         val_loss=val_all[:steps_run][eval_mask],
         val_steps=np.nonzero(eval_mask)[0],
+        val_index=np.asarray(order[:n_val]) if has_val else np.zeros(0, np.int64),
         stop_reason=stop_reason,
         steps_run=steps_run,
         best_step=best_step if best_step >= 0 else None,

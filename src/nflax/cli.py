@@ -1,0 +1,301 @@
+"""The ``nflax`` command: ``nflax train`` and ``nflax sample``.
+
+This is the only module that knows about files and flags. Errors a user can cause (an unknown
+data set, a bad flag value, a missing run) exit with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UsageError(message)
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nflax", description="Normalizing flows in JAX: train, sample.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a flow on a built-in 2D data set")
+    t.add_argument("--dataset", default="banana", help="data set name (default: banana)")
+    t.add_argument("--num-points", type=_positive_int, default=1024, help="training points")
+    t.add_argument("--flow", default="realnvp", help="flow constructor (default: realnvp)")
+    t.add_argument("--layers", type=_positive_int, default=8, help="number of layers")
+    t.add_argument(
+        "--hidden",
+        type=_positive_int,
+        nargs="+",
+        default=[64, 64],
+        help="hidden layer sizes of the conditioner MLP",
+    )
+    t.add_argument(
+        "--leaky-relu",
+        action="store_true",
+        help="interleave the tutorial's learnable LeakyReLU layers (realnvp)",
+    )
+    t.add_argument("--steps", type=_positive_int, default=4000, help="maximum optimizer steps")
+    t.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="minibatch size (default: full batch)",
+    )
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="adamw learning rate")
+    t.add_argument("--weight-decay", type=float, default=1e-4, help="adamw weight decay")
+    t.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=500,
+        help="early stopping patience in steps, on the validation NLL",
+    )
+    t.add_argument(
+        "--no-early-stopping",
+        action="store_true",
+        help="train for --steps on all points, no validation split",
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.1,
+        help="fraction held out for validation (default 0.1)",
+    )
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<time>/)")
+    t.add_argument("--no-plots", action="store_true", help="skip the four figures")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    s = sub.add_parser("sample", help="draw samples from a trained run")
+    s.add_argument("run", help="a run folder written by `nflax train`")
+    s.add_argument("-n", "--num", type=_positive_int, default=1000, help="number of samples")
+    s.add_argument("-o", "--output", required=True, help="output file, .npy or .csv")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "train":
+            return _train(args)
+        return _sample(args)
+    except UsageError as e:
+        print(f"nflax: error: {e}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------
+def _flow_kwargs(args, dim: int) -> dict:
+    from nflax import flows
+
+    if args.flow not in flows.CONSTRUCTORS:
+        known = ", ".join(sorted(flows.CONSTRUCTORS))
+        raise UsageError(f"unknown flow {args.flow!r}; known flows: {known}")
+    import inspect
+
+    params = inspect.signature(flows.CONSTRUCTORS[args.flow]).parameters
+    kwargs = {"dim": dim}
+    for flag, name, value in [
+        ("--layers", "num_layers", args.layers),
+        ("--hidden", "hidden", list(args.hidden)),
+        ("--leaky-relu", "leaky_relu", args.leaky_relu),
+    ]:
+        if name in params:
+            kwargs[name] = value
+        elif flag == "--leaky-relu" and value:
+            raise UsageError(f"--leaky-relu is not an option of flow {args.flow!r}")
+    return kwargs
+
+
+def _train(args) -> int:
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from nflax import checkpoint, datasets, flows
+    from nflax.training import fit, nll
+
+    try:
+        ds = datasets.get(args.dataset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    kwargs = _flow_kwargs(args, ds.dim)
+    out = (
+        Path(args.out) if args.out else Path("runs") / f"{ds.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"run folder {out} already exists and is not empty")
+
+    key_data, key_test, key_fit, key_plot = jax.random.split(jax.random.key(args.seed), 4)
+    x = np.asarray(ds.sample(key_data, args.num_points))
+    x_test = np.asarray(ds.sample(key_test, 16384))
+    flow = flows.build(args.flow, **kwargs, rngs=nnx.Rngs(args.seed))
+    early = not args.no_early_stopping
+    fit_kwargs = dict(
+        key=key_fit,
+        steps=args.steps,
+        optimizer=optax.adamw(args.lr, weight_decay=args.weight_decay),
+        batch_size=args.batch_size,
+        patience=args.patience if early else None,
+        val_fraction=args.val_fraction if early else 0.0,
+        progress=None if not args.quiet else False,
+    )
+    if early and args.val_fraction == 0:
+        raise UsageError(
+            "--val-fraction 0 leaves nothing to stop early on; add --no-early-stopping"
+        )
+    config = {
+        "command": "train",
+        "dataset": ds.name,
+        "num_points": args.num_points,
+        "flow": args.flow,
+        "flow_kwargs": kwargs,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "patience": fit_kwargs["patience"],
+        "val_fraction": fit_kwargs["val_fraction"],
+        "seed": args.seed,
+    }
+    history = fit(flow, x, **fit_kwargs)
+
+    test = nll(flow, x_test)
+    metrics = {
+        "train_nll": float(np.mean(nll(flow, x))),
+        "test_nll": float(np.mean(test)),
+        "test_nll_median": float(np.median(test)),
+        "test_nll_trimmed_1pct": float(np.mean(np.sort(test)[: int(0.99 * len(test))])),
+        "test_nll_worst": float(np.max(test)),
+        "num_test_points": int(len(x_test)),
+        "steps_run": history.steps_run,
+        "stop_reason": history.stop_reason,
+        "best_step": history.best_step,
+        "steps_per_second": history.steps_per_second,
+        "compile_seconds": history.compile_seconds,
+        "train_seconds": history.train_seconds,
+    }
+    if ds.has_density:
+        true = -np.asarray(ds.log_prob(x_test))
+        metrics["true_nll"] = float(np.mean(true))
+        metrics["test_minus_true_nll"] = metrics["test_nll"] - metrics["true_nll"]
+        metrics["true_nll_median"] = float(np.median(true))
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", config)
+    checkpoint.save(out / "flow", flow)
+    history.to_csv(str(out / "history.csv"))
+    _write_json(out / "metrics.json", metrics)
+    if not args.no_plots:
+        _plots(out, flow, x, ds, history, key_plot)
+    if not args.quiet:
+        line = f"{ds.name}: test NLL {metrics['test_nll']:.4f}"
+        if "true_nll" in metrics:
+            line += f" (exact {metrics['true_nll']:.4f}, gap {metrics['test_minus_true_nll']:+.4f})"
+        line += f", {history.steps_run} steps ({history.stop_reason}) → {out}"
+        print(line)
+    return 0
+
+
+def _plots(out: Path, flow, x, ds, history, key) -> None:
+    import jax
+
+    from nflax import plotting
+
+    k1, k2 = jax.random.split(key)
+    figs = {
+        "trajectory.png": plotting.plot_trajectory(flow, x, key=k1),
+        "samples.png": plotting.plot_samples(flow, k2, n=len(x), data=x),
+        "loss.png": plotting.plot_history(history),
+    }
+    if ds.dim == 2:
+        figs["density.png"] = plotting.plot_density(
+            flow, x, true_log_prob=ds.log_prob if ds.has_density else None
+        )
+    for name, fig in figs.items():
+        fig.savefig(out / name, dpi=110)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _sample(args) -> int:
+    import jax
+    import numpy as np
+
+    from nflax import checkpoint
+
+    run = Path(args.run)
+    if not run.exists():
+        raise UsageError(f"run folder {run} does not exist")
+    if not run.is_dir():
+        raise UsageError(f"{run} is a file, expected a run folder")
+    out = Path(args.output)
+    if out.suffix not in (".npy", ".csv"):
+        raise UsageError(f"output {out} must end in .npy or .csv")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a folder, expected a file name")
+    try:
+        flow = checkpoint.load(run / "flow")
+    except checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    x = np.asarray(flow.sample(jax.random.key(args.seed), args.num))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp" + out.suffix)
+    if out.suffix == ".npy":
+        np.save(tmp, x)
+    else:
+        np.savetxt(tmp, x, delimiter=",", fmt="%.8g")
+    os.replace(tmp, out)
+    print(f"wrote {len(x)} samples to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

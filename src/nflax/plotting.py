@@ -1,0 +1,213 @@
+"""Pictures of flows: layer-by-layer trajectories, densities, samples and loss curves.
+
+Every function returns a matplotlib ``Figure`` and never calls ``plt.show``; save it with
+``fig.savefig(path)``. Headless use needs no setup (nflax selects no backend itself; set
+``MPLBACKEND=Agg`` where there is no display).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.figure import Figure
+
+from nflax.distributions import Flow
+from nflax.training import History
+
+Array = jax.Array
+
+
+def _limits(points: np.ndarray, pad: float = 0.05) -> tuple[tuple[float, float], ...]:
+    lo = np.quantile(points, 0.005, axis=0)
+    hi = np.quantile(points, 0.995, axis=0)
+    span = np.maximum(hi - lo, 1e-6)
+    return tuple((float(a - pad * s), float(b + pad * s)) for a, b, s in zip(lo, hi, span))
+
+
+def _scatter(ax, pts: np.ndarray, color, title: str) -> None:
+    pts = np.asarray(pts)
+    if pts.shape[-1] == 1:
+        ax.hist(pts[:, 0], bins=60, color=color, alpha=0.8)
+    else:
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, c=color, alpha=0.6, linewidths=0)
+        (x0, x1), (y0, y1) = _limits(pts[:, :2])
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(labelsize=6)
+
+
+def plot_trajectory(
+    flow: Flow,
+    x: Array,
+    *,
+    key: Array | None = None,
+    n: int | None = None,
+    direction: str = "both",
+    max_cols: int = 9,
+) -> Figure:
+    """The tutorial's picture: a batch after every layer, one panel per layer.
+
+    ``direction="forward"`` pushes the data ``x`` through the layers (data → noise);
+    ``"inverse"`` pushes standard-normal noise back (noise → data), ``"both"`` draws one row
+    of each. Panels are titled by the layer type. Colours follow each point through the flow
+    (coloured by its first data coordinate), so one can see how the layers move mass.
+    """
+    if direction not in ("forward", "inverse", "both"):
+        raise ValueError(
+            f"plot_trajectory: direction must be 'forward', 'inverse' or 'both', "
+            f"received {direction!r}"
+        )
+    x = jnp.asarray(x)
+    names = flow.layer_names()
+    rows = []
+    if direction in ("forward", "both"):
+        traj = [np.asarray(t) for t in flow.trajectory(x)]
+        titles = ["data"] + [f"{i + 1}: {nm}" for i, nm in enumerate(names)]
+        rows.append(("data → noise", traj, titles, np.asarray(x)[:, 0]))
+    if direction in ("inverse", "both"):
+        key = jax.random.key(0) if key is None else key
+        n = int(n or x.shape[0])
+        traj = [np.asarray(t) for t in flow.sample_trajectory(key, n)]
+        rev = list(reversed(names))
+        titles = ["noise"] + [f"{len(names) - i}: {nm}⁻¹" for i, nm in enumerate(rev)]
+        rows.append(("noise → data", traj, titles, traj[-1][:, 0]))
+    ncols = min(len(rows[0][1]), max_cols)
+    # With many layers, show evenly spaced steps (always the first and the last).
+    pick = np.unique(np.round(np.linspace(0, len(rows[0][1]) - 1, ncols)).astype(int))
+    fig = Figure(figsize=(1.9 * len(pick), 2.0 * len(rows) + 0.3), layout="constrained")
+    axes = fig.subplots(len(rows), len(pick), squeeze=False)
+    for r, (label, traj, titles, colour_by) in enumerate(rows):
+        colours = (colour_by - colour_by.min()) / (np.ptp(colour_by) + 1e-12)
+        import matplotlib
+
+        cmap = matplotlib.colormaps["viridis"]
+        for c, i in enumerate(pick):
+            _scatter(axes[r, c], traj[i], cmap(colours), titles[i])
+        axes[r, 0].set_ylabel(label, fontsize=9)
+    return fig
+
+
+def density_grid(
+    flow: Flow, xlim: tuple[float, float], ylim: tuple[float, float], resolution: int = 200
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``log p`` of a 2D flow on a regular grid: returns ``(xs, ys, logp[ys, xs])``."""
+    if flow.event_shape != (2,):
+        raise ValueError(f"density_grid: needs a 2D flow, received event shape {flow.event_shape}")
+    xs = np.linspace(*xlim, resolution)
+    ys = np.linspace(*ylim, resolution)
+    grid = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2).astype(np.float32)
+    logp = np.asarray(jax.jit(flow.log_prob)(grid)).reshape(resolution, resolution)
+    return xs, ys, logp
+
+
+def plot_density(
+    flow: Flow,
+    data: Array | None = None,
+    *,
+    xlim: tuple[float, float] | None = None,
+    ylim: tuple[float, float] | None = None,
+    resolution: int = 200,
+    true_log_prob=None,
+) -> Figure:
+    """The learned density of a 2D flow on a grid, beside the data (and the true density)."""
+    if data is None and (xlim is None or ylim is None):
+        raise ValueError("plot_density: give data or both xlim and ylim")
+    data = None if data is None else np.asarray(data)
+    if data is not None:
+        (dx0, dx1), (dy0, dy1) = _limits(data[:, :2], pad=0.15)
+        xlim = xlim or (dx0, dx1)
+        ylim = ylim or (dy0, dy1)
+    xs, ys, logp = density_grid(flow, xlim, ylim, resolution)
+    panels = []
+    if data is not None:
+        panels.append("data")
+    panels.append("model")
+    if true_log_prob is not None:
+        panels.append("true")
+    fig = Figure(figsize=(3.4 * len(panels), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    extent = (xlim[0], xlim[1], ylim[0], ylim[1])
+    for ax, what in zip(axes, panels, strict=True):
+        if what == "data":
+            ax.scatter(data[:, 0], data[:, 1], s=2, c="k", alpha=0.5, linewidths=0)
+            ax.set_xlim(*xlim)
+            ax.set_ylim(*ylim)
+            ax.set_title(f"data ({len(data)} points)", fontsize=9)
+        else:
+            if what == "model":
+                dens, title = np.exp(logp), "learned density"
+            else:
+                grid = np.stack(np.meshgrid(xs, ys), axis=-1)
+                dens, title = np.exp(np.asarray(true_log_prob(jnp.asarray(grid)))), "true density"
+            ax.imshow(dens, origin="lower", extent=extent, aspect="auto", cmap="magma")
+            ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+    return fig
+
+
+def plot_samples(flow: Flow, key: Array, n: int = 2000, data: Array | None = None) -> Figure:
+    """Samples of the flow (noise → data), over the data when given."""
+    samples = np.asarray(flow.sample(key, n))
+    fig = Figure(figsize=(4, 4), layout="constrained")
+    ax = fig.subplots()
+    if data is not None:
+        d = np.asarray(data)
+        ax.scatter(
+            d[:, 0],
+            d[:, 1] if d.shape[1] > 1 else np.zeros(len(d)),
+            s=3,
+            c="0.6",
+            alpha=0.5,
+            linewidths=0,
+            label="data",
+        )
+    ys = samples[:, 1] if samples.shape[1] > 1 else np.zeros(len(samples))
+    ax.scatter(samples[:, 0], ys, s=3, c="tab:red", alpha=0.5, linewidths=0, label="samples")
+    pts = samples[:, :2] if data is None else np.concatenate([samples, np.asarray(data)])[:, :2]
+    if pts.shape[1] == 2:
+        (x0, x1), (y0, y1) = _limits(pts)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+    ax.legend(fontsize=8, markerscale=4)
+    ax.set_title(f"{n} samples", fontsize=9)
+    return fig
+
+
+def plot_history(history: History) -> Figure:
+    """Training (and validation) NLL per step, with the best step marked."""
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    loss = np.asarray(history.loss)
+    ax.plot(np.arange(len(loss)), loss, lw=0.8, label="train NLL")
+    if len(history.val_loss):
+        ax.plot(history.val_steps, history.val_loss, lw=1.2, label="validation NLL")
+    if history.best_step is not None and history.restored_best:
+        ax.axvline(history.best_step, color="k", ls=":", lw=0.8, label="best")
+    finite = loss[np.isfinite(loss)]
+    if finite.size:
+        lo = float(np.min(finite))
+        hi = float(np.quantile(finite, 0.98))
+        if len(history.val_loss):
+            lo = min(lo, float(np.nanmin(history.val_loss)))
+            hi = max(hi, float(np.nanquantile(history.val_loss, 0.98)))
+        margin = 0.05 * max(hi - lo, 1e-3)
+        ax.set_ylim(lo - margin, hi + margin)
+    ax.set_xlabel("step")
+    ax.set_ylabel("NLL (nats)")
+    ax.set_title(f"stopped: {history.stop_reason} after {history.steps_run} steps", fontsize=9)
+    ax.legend(fontsize=8)
+    if not math.isnan(history.steps_per_second):
+        ax.text(
+            0.99,
+            0.98,
+            f"{history.steps_per_second:,.0f} steps/s",
+            ha="right",
+            va="top",
+            transform=ax.transAxes,
+            fontsize=7,
+        )
+    return fig
