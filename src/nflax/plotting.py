@@ -24,7 +24,9 @@ def _limits(points: np.ndarray, pad: float = 0.05) -> tuple[tuple[float, float],
     lo = np.quantile(points, 0.005, axis=0)
     hi = np.quantile(points, 0.995, axis=0)
     span = np.maximum(hi - lo, 1e-6)
-    return tuple((float(a - pad * s), float(b + pad * s)) for a, b, s in zip(lo, hi, span))
+    return tuple(
+        (float(a - pad * s), float(b + pad * s)) for a, b, s in zip(lo, hi, span, strict=True)
+    )
 
 
 def _scatter(ax, pts: np.ndarray, color, title: str) -> None:
