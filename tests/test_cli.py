@@ -1,0 +1,99 @@
+"""The `nflax` command: the default run, its files, sampling, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nflax.cli import main
+
+EXPECTED_FILES = [
+    "config.json",
+    "history.csv",
+    "metrics.json",
+    "trajectory.png",
+    "density.png",
+    "samples.png",
+    "loss.png",
+    "flow/nflax.json",
+]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`nflax train` with every default (1024 banana points, the tutorial's model)."""
+    out = tmp_path_factory.mktemp("runs") / "default"
+    assert main(["train", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_default_run_reaches_the_exact_nll(default_run):
+    for name in EXPECTED_FILES:
+        assert (default_run / name).is_file(), name
+    m = json.loads((default_run / "metrics.json").read_text())
+    cfg = json.loads((default_run / "config.json").read_text())
+    assert cfg["num_points"] == 1024 and cfg["dataset"] == "banana"
+    assert m["num_test_points"] == 16384
+    # early stopping on a validation split keeps the 1024-point model from overfitting
+    assert m["stop_reason"] == "patience"
+    assert m["test_nll"] - m["true_nll"] <= 0.07, m
+    assert m["train_nll"] < m["test_nll"]  # the rest of the gap is overfitting
+    rows = (default_run / "history.csv").read_text().strip().splitlines()
+    assert rows[0] == "step,loss,val_loss" and len(rows) == m["steps_run"] + 1
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_sample_from_a_run(default_run, tmp_path, suffix):
+    out = tmp_path / f"s{suffix}"
+    assert main(["sample", str(default_run), "-n", "500", "-o", str(out)]) == 0
+    x = np.load(out) if suffix == ".npy" else np.loadtxt(out, delimiter=",")
+    assert x.shape == (500, 2) and np.all(np.isfinite(x))
+    # samples look like the banana: x1 ≈ x2²/4
+    assert abs(np.median(x[:, 0] - x[:, 1] ** 2 / 4)) < 0.5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--dataset", "nope"], "unknown dataset 'nope'; known datasets: banana"),
+        (["train", "--steps", "-3"], "expected a positive integer, got '-3'"),
+        (["train", "--lr", "abc"], "expected a positive number, got 'abc'"),
+        (["train", "--flow", "nope"], "unknown flow 'nope'; known flows:"),
+        (["sample", "/nonexistent/run", "-o", "x.npy"], "run folder /nonexistent/run does not"),
+        (["sample", ".", "-o", "x.txt"], "must end in .npy or .csv"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_errors_are_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nflax: error: ")
+    assert message in err
+
+
+def test_non_empty_run_folder_is_not_touched(default_run, capsys):
+    before = sorted(p.name for p in default_run.iterdir())
+    assert main(["train", "--out", str(default_run), "--steps", "5"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in default_run.iterdir()) == before
+
+
+def test_console_script_entry_point():
+    r = subprocess.run(
+        [sys.executable, "-m", "nflax.cli", "train", "--dataset", "x"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("nflax: error: unknown dataset 'x'")
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_more_points_close_the_gap(tmp_path):
+    out = tmp_path / "big"
+    assert main(["train", "--num-points", "8192", "--out", str(out), "--quiet", "--no-plots"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_nll"] - m["true_nll"] <= 0.04, m
