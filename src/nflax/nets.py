@@ -6,7 +6,12 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+# nflax/__init__ imports ``bijections`` before ``nets``, so ``base`` is loaded by the time the
+# bijections that use these nets import this module.
+from nflax.bijections.base import Buffer
 
 
 class MLP(nnx.Module):
@@ -52,3 +57,141 @@ class MLP(nnx.Module):
         for layer in self.hidden:
             x = self.activation(layer(x))
         return self.out(x)
+
+
+class MaskedLinear(nnx.Module):
+    """A dense layer whose kernel is multiplied by a fixed 0/1 ``mask`` of shape ``(in, out)``.
+
+    The mask is a :class:`~nflax.bijections.base.Buffer` (saved with the model, never trained).
+    Kernels start Lecun-normal, rescaled per output unit to its number of live inputs, or at
+    zero with ``zero_init=True``; biases start at zero.
+    """
+
+    def __init__(self, mask: np.ndarray, *, zero_init: bool = False, rngs: nnx.Rngs):
+        mask = np.asarray(mask, np.float32)
+        if mask.ndim != 2:
+            raise ValueError(f"MaskedLinear: mask must be 2D (in, out), received {mask.shape}")
+        fan_in = np.maximum(mask.sum(axis=0), 1.0)
+        if zero_init:
+            kernel = jnp.zeros(mask.shape, jnp.float32)
+        else:
+            kernel = jax.random.normal(rngs.params(), mask.shape) / np.sqrt(fan_in)
+        self.kernel = nnx.Param(kernel)
+        self.bias = nnx.Param(jnp.zeros((mask.shape[1],), jnp.float32))
+        self.mask = Buffer(jnp.asarray(mask))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ (self.kernel[...] * self.mask[...]) + self.bias[...]
+
+
+def made_degrees(
+    in_features: int,
+    hidden: Sequence[int],
+    *,
+    order: Sequence[int] | None = None,
+    context: bool = False,
+) -> list[np.ndarray]:
+    """Degrees of the inputs and of every hidden layer of a :class:`MADE`.
+
+    Inputs get ``order`` (a permutation of ``1..d``; default ``1, …, d``). Hidden units cycle
+    through ``lo, …, d − 1`` with ``lo = 1``, or ``lo = 0`` when there is a context or
+    ``d = 1``: degree-0 units see no input, only the context, so every output can depend on it.
+
+    >>> [a.tolist() for a in made_degrees(3, (4,))]
+    [[1, 2, 3], [1, 2, 1, 2]]
+    """
+    d = int(in_features)
+    if order is None:
+        degrees = np.arange(1, d + 1)
+    else:
+        degrees = np.asarray(order, dtype=np.int64).reshape(-1)
+        if sorted(degrees.tolist()) != list(range(1, d + 1)):
+            raise ValueError(
+                f"MADE: order must be a permutation of 1..{d}, received {degrees.tolist()}"
+            )
+    lo = 0 if (context or d == 1) else 1
+    out = [degrees]
+    for n in hidden:
+        out.append(lo + np.arange(int(n)) % (d - lo))
+    return out
+
+
+class MADE(nnx.Module):
+    r"""Masked autoencoder for distribution estimation (Germain et al. 2015).
+
+    An MLP whose weights are masked so that the outputs for coordinate ``i`` depend only on the
+    inputs ``j`` with ``degree(j) < degree(i)`` (degrees: ``order``, default ``1, …, d``), i.e.
+    its Jacobian is strictly triangular in the degree order. A hidden unit of degree ``k`` sees
+    the inputs (or units) of degree ``≤ k``; an output of degree ``i`` sees the last hidden
+    units of degree ``< i``. The optional ``context`` feeds every unit of the first hidden layer
+    through an unmasked dense layer (see :func:`made_degrees` for how every output can see it).
+
+    ``__call__(x, context)`` maps ``(*batch, d)`` to ``(*batch, d, num_params)``. With
+    ``zero_init_output=True`` (default) the output layer starts at zero, so a flow built on it
+    starts as the identity.
+
+    >>> from flax import nnx
+    >>> net = MADE(3, 2, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> net(jnp.ones((5, 3))).shape
+    (5, 3, 2)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_params: int,
+        *,
+        hidden: Sequence[int] = (64, 64),
+        context_dim: int | None = None,
+        order: Sequence[int] | None = None,
+        activation: Callable[[jax.Array], jax.Array] = jnp.tanh,
+        zero_init_output: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        d, p = int(in_features), int(num_params)
+        hidden = tuple(int(h) for h in hidden)
+        if d < 1 or p < 1 or not hidden or any(h < 1 for h in hidden):
+            raise ValueError(
+                f"MADE: expected in_features ≥ 1, num_params ≥ 1 and at least one positive "
+                f"hidden size, received in_features={in_features}, num_params={num_params}, "
+                f"hidden={hidden}"
+            )
+        if context_dim is not None and int(context_dim) < 1:
+            raise ValueError(f"MADE: context_dim must be ≥ 1 or None, received {context_dim}")
+        degrees = made_degrees(d, hidden, order=order, context=context_dim is not None)
+        layers = []
+        for a, b in zip(degrees[:-1], degrees[1:], strict=True):
+            layers.append(MaskedLinear(a[:, None] <= b[None, :], rngs=rngs))
+        self.hidden = nnx.List(layers)
+        out_degrees = np.repeat(degrees[0], p)  # output i * p + k belongs to coordinate i
+        self.out = MaskedLinear(
+            degrees[-1][:, None] < out_degrees[None, :], zero_init=zero_init_output, rngs=rngs
+        )
+        self.context_in = (
+            None
+            if context_dim is None
+            else nnx.Linear(int(context_dim), hidden[0], use_bias=False, rngs=rngs)
+        )
+        self.degrees = Buffer(jnp.asarray(degrees[0], jnp.int32))
+        self.activation = activation
+        self.in_features, self.num_params = d, p
+        self.context_dim = None if context_dim is None else int(context_dim)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"MADE: expected input of shape (*batch, {self.in_features}), received {x.shape}"
+            )
+        h = self.hidden[0](x)
+        if self.context_in is not None:
+            if context is None:
+                raise ValueError(
+                    f"MADE: this net is conditional and needs a context of shape "
+                    f"(*batch, {self.context_dim}); received none"
+                )
+            h = h + self.context_in(context.astype(h.dtype))
+        h = self.activation(h)
+        for layer in self.hidden[1:]:
+            h = self.activation(layer(h))
+        out = self.out(h)
+        return out.reshape(*out.shape[:-1], self.in_features, self.num_params)

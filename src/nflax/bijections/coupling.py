@@ -1,22 +1,96 @@
-"""Coupling layers: one part of the input, picked by a binary mask, conditions the rest."""
+"""Coupling layers: one part of the input, picked by a binary mask, conditions the rest.
+
+Every layer here takes any 0/1 ``mask`` ``m`` (1 = passed through unchanged and fed to the
+conditioner, 0 = transformed) and a ``conditioner`` network whose input is ``m ⊙ x``, or
+``concat(m ⊙ x, context)`` when ``context_dim`` is set. Mask helpers: :func:`alternating_mask`,
+:func:`half_mask`, :func:`random_mask`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nflax.bijections.base import Bijection, Buffer, sum_event
+from nflax.bijections.base import Array, Bijection, Buffer, sum_event
+from nflax.bijections.splines import num_spline_params, rq_spline_forward, rq_spline_inverse
 
 
 def alternating_mask(dim: int, parity: int = 0) -> np.ndarray:
-    """``[1, 0, 1, 0, …]`` (parity 0) or ``[0, 1, 0, 1, …]`` (parity 1)."""
+    """``[1, 0, 1, 0, …]`` (parity 0) or ``[0, 1, 0, 1, …]`` (parity 1).
+
+    >>> alternating_mask(3).tolist()
+    [1.0, 0.0, 1.0]
+    """
     return ((np.arange(dim) + parity) % 2 == 0).astype(np.float32)
 
 
-class AffineCoupling(Bijection):
+def half_mask(dim: int, parity: int = 0) -> np.ndarray:
+    """Parity 0: ones on the first ``⌊dim/2⌋`` coordinates; parity 1: the complement.
+
+    With parity 0 the first half conditions the second half; for ``dim = 1`` the mask is
+    ``[0]`` (the single coordinate is transformed by a function of the context only).
+
+    >>> half_mask(5).tolist(), half_mask(5, 1).tolist()
+    ([1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0])
+    """
+    first = (np.arange(dim) < dim // 2).astype(np.float32)
+    return first if parity % 2 == 0 else 1.0 - first
+
+
+def random_mask(dim: int, key: jax.Array) -> np.ndarray:
+    """Ones on ``⌊dim/2⌋`` coordinates drawn at random with ``key`` (a ``jax.random`` key).
+
+    >>> import jax
+    >>> int(random_mask(6, jax.random.key(0)).sum())
+    3
+    """
+    order = np.asarray(jax.random.permutation(key, dim))
+    mask = np.zeros(dim, np.float32)
+    mask[order[: dim // 2]] = 1.0
+    return mask
+
+
+class _MaskedCoupling(Bijection):
+    """Shared plumbing: mask validation, conditioner input, conditioner output check."""
+
+    def __init__(
+        self,
+        mask: Sequence[float] | np.ndarray,
+        conditioner: nnx.Module,
+        *,
+        context_dim: int | None,
+    ):
+        name = type(self).__name__
+        mask = np.asarray(mask, np.float32)
+        if mask.ndim != 1 or mask.size == 0 or not np.all((mask == 0) | (mask == 1)):
+            raise ValueError(f"{name}: mask must be a non-empty 1D array of 0/1, received {mask}")
+        if context_dim is not None and int(context_dim) < 1:
+            raise ValueError(f"{name}: context_dim must be ≥ 1 or None, received {context_dim}")
+        self.event_shape = (mask.shape[0],)
+        self.context_dim = None if context_dim is None else int(context_dim)
+        self.mask = Buffer(jnp.asarray(mask))
+        self.conditioner = conditioner
+
+    def _condition(self, x: Array, context: Array | None, per_dim: int, what: str) -> Array:
+        """Conditioner output for ``m ⊙ x`` (and the context), checked to be ``dim·per_dim``."""
+        h = x * self.mask[...]
+        if context is not None and self.context_dim is not None:
+            h = jnp.concatenate([h, context.astype(h.dtype)], axis=-1)
+        out = self.conditioner(h)
+        dim = self.event_shape[0]
+        if out.shape[-1] != per_dim * dim:
+            raise ValueError(
+                f"{type(self).__name__}: conditioner must output {what} = {per_dim * dim} "
+                f"features, received {out.shape[-1]}"
+            )
+        return out
+
+
+class AffineCoupling(_MaskedCoupling):
     r"""RealNVP affine coupling layer (Dinh et al. 2017), as in the tutorial.
 
     With a binary ``mask`` ``m`` (1 = passed through and conditioning), the conditioner predicts
@@ -40,28 +114,13 @@ class AffineCoupling(Bijection):
         *,
         context_dim: int | None = None,
     ):
-        mask = np.asarray(mask, np.float32)
-        if mask.ndim != 1 or not np.all((mask == 0) | (mask == 1)):
-            raise ValueError(f"AffineCoupling: mask must be a 1D array of 0/1, received {mask}")
-        dim = mask.shape[0]
-        self.event_shape = (dim,)
-        self.context_dim = None if context_dim is None else int(context_dim)
-        self.mask = Buffer(jnp.asarray(mask))
-        self.conditioner = conditioner
-        self.c = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        super().__init__(mask, conditioner, context_dim=context_dim)
+        self.c = nnx.Param(jnp.zeros(self.event_shape, jnp.float32))
 
     def _shift_log_scale(self, x, context):
         m = self.mask[...]
-        h = x * m
-        if context is not None and self.context_dim is not None:
-            h = jnp.concatenate([h, context.astype(h.dtype)], axis=-1)
-        out = self.conditioner(h)
+        out = self._condition(x, context, 2, "2*dim")
         dim = self.event_shape[0]
-        if out.shape[-1] != 2 * dim:
-            raise ValueError(
-                f"AffineCoupling: conditioner must output 2*dim = {2 * dim} features, "
-                f"received {out.shape[-1]}"
-            )
         s, t = out[..., :dim], out[..., dim:]
         ec = jnp.exp(self.c[...])
         s = jnp.tanh(s / ec) * ec
@@ -74,3 +133,78 @@ class AffineCoupling(Bijection):
     def _inverse(self, z, context):
         s, t = self._shift_log_scale(z, context)
         return z * jnp.exp(-s) - t, -sum_event(s, 1)
+
+
+class AdditiveCoupling(_MaskedCoupling):
+    r"""NICE additive coupling layer (Dinh et al. 2015): volume preserving.
+
+    The conditioner predicts a shift ``t = (1 − m) ⊙ net(m ⊙ x [, context])``.
+
+    forward (data → latent):   ``z = x + t(m ⊙ x)``,    ``log|det J| = 0``
+    inverse (latent → data):   ``x = z − t(m ⊙ z)``,    ``log|det J⁻¹| = 0``
+
+    ``conditioner`` maps ``(*batch, dim [+ context_dim])`` to ``(*batch, dim)``.
+    """
+
+    def _shift(self, x, context):
+        return self._condition(x, context, 1, "dim") * (1 - self.mask[...])
+
+    def _forward(self, x, context):
+        return x + self._shift(x, context), jnp.zeros(x.shape[:-1], x.dtype)
+
+    def _inverse(self, z, context):
+        return z - self._shift(z, context), jnp.zeros(z.shape[:-1], z.dtype)
+
+
+class SplineCoupling(_MaskedCoupling):
+    r"""Rational-quadratic spline coupling layer (Durkan et al. 2019, "Neural Spline Flows").
+
+    The conditioner output ``net(m ⊙ x [, context])`` of size ``dim · (3K − 1)`` is read as
+    ``(dim, 3K − 1)``: for each coordinate ``K`` unnormalised bin widths, ``K`` heights and
+    ``K − 1`` interior knot derivatives (see :mod:`nflax.bijections.splines`); the rows of the
+    conditioning coordinates (``m_i = 1``) are ignored. ``g_i`` is the monotonic spline with
+    those parameters on ``[-B, B]`` (``B = bound``), the identity outside.
+
+    forward (data → latent):   ``z_i = x_i`` if ``m_i = 1`` else ``g_i(x_i)``,
+                               ``log|det J| = Σ_{i: m_i=0} log g_i'(x_i)``
+    inverse (latent → data):   ``x_i = z_i`` if ``m_i = 1`` else ``g_i⁻¹(z_i)``,
+                               ``log|det J⁻¹| = −Σ_{i: m_i=0} log g_i'(x_i)``
+
+    With a zero-initialised conditioner (e.g. :class:`nflax.nets.MLP`'s default) every spline
+    starts as the identity.
+    """
+
+    def __init__(
+        self,
+        mask: Sequence[float] | np.ndarray,
+        conditioner: nnx.Module,
+        *,
+        bins: int = 8,
+        bound: float = 3.0,
+        context_dim: int | None = None,
+    ):
+        super().__init__(mask, conditioner, context_dim=context_dim)
+        if int(bins) < 2:
+            raise ValueError(f"SplineCoupling: bins must be ≥ 2, received {bins}")
+        if not float(bound) > 0:
+            raise ValueError(f"SplineCoupling: bound must be > 0, received {bound}")
+        self.bins = int(bins)
+        self.bound = float(bound)
+
+    def _spline_params(self, x, context):
+        p = num_spline_params(self.bins)
+        out = self._condition(x, context, p, f"dim*(3*bins-1) = {self.event_shape[0]}*{p}")
+        out = out.reshape(*out.shape[:-1], self.event_shape[0], p)
+        k = self.bins
+        return out[..., :k], out[..., k : 2 * k], out[..., 2 * k :]
+
+    def _apply(self, v, context, spline):
+        m = self.mask[...]
+        y, ld = spline(v, *self._spline_params(v, context), bound=self.bound)
+        return m * v + (1 - m) * y, sum_event((1 - m) * ld, 1)
+
+    def _forward(self, x, context):
+        return self._apply(x, context, rq_spline_forward)
+
+    def _inverse(self, z, context):
+        return self._apply(z, context, rq_spline_inverse)
