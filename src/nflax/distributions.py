@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nflax.bijections.base import Bijection
+from nflax.bijections.base import Bijection, Buffer
 
 Array = jax.Array
 
@@ -45,6 +45,205 @@ class StandardNormal(Distribution):
 
     def sample(self, key, shape=(), context=None):
         return jax.random.normal(key, (*tuple(shape), *self.event_shape))
+
+
+def _event_shape_of(name: str, dim: int) -> tuple[int, ...]:
+    if isinstance(dim, bool) or int(dim) != dim or int(dim) < 1:
+        raise ValueError(f"{name}: dim must be a positive integer, received {dim!r}")
+    return (int(dim),)
+
+
+def _check_event(dist: Distribution, x: Array) -> None:
+    event = tuple(dist.event_shape)
+    shape = tuple(jnp.shape(x))
+    if len(shape) < len(event) or shape[len(shape) - len(event) :] != event:
+        dims = ", ".join(map(str, event))
+        raise ValueError(
+            f"{type(dist).__name__}.log_prob: expected input of shape (*batch, {dims}), "
+            f"received shape {shape}"
+        )
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class DiagNormal(Distribution):
+    r"""A Gaussian with learnable mean ``μ`` and diagonal scale ``σ = exp(s)``.
+
+    ``log p(x) = Σ_i [−½((x_i − μ_i)/σ_i)² − s_i − ½·log 2π]``. ``μ`` and ``s`` are
+    :class:`nnx.Param` s, starting at ``loc`` and ``log_scale`` (0 and 0: ``N(0, I)``).
+    Sampling is reparameterised (``x = μ + σ ⊙ ε``), so it is differentiable in ``μ, s``.
+
+    >>> DiagNormal(2).log_prob(jnp.zeros((3, 2))).shape
+    (3,)
+    """
+
+    def __init__(self, dim: int, *, loc: float | Array = 0.0, log_scale: float | Array = 0.0):
+        self.event_shape = _event_shape_of("DiagNormal", dim)
+        self.loc = nnx.Param(jnp.broadcast_to(jnp.asarray(loc, jnp.float32), self.event_shape))
+        self.log_scale = nnx.Param(
+            jnp.broadcast_to(jnp.asarray(log_scale, jnp.float32), self.event_shape)
+        )
+
+    def log_prob(self, x, context=None):
+        _check_event(self, x)
+        s = self.log_scale[...]
+        u = (x - self.loc[...]) * jnp.exp(-s)
+        return jnp.sum(-0.5 * jnp.square(u) - s - _HALF_LOG_2PI, axis=-1)
+
+    def sample(self, key, shape=(), context=None):
+        eps = jax.random.normal(key, (*tuple(shape), *self.event_shape))
+        return self.loc[...] + jnp.exp(self.log_scale[...]) * eps
+
+
+class GaussianMixture(Distribution):
+    r"""A mixture of ``K`` Gaussians with diagonal covariances, all parameters learnable.
+
+    ``log p(x) = logsumexp_k [log π_k + Σ_i log N(x_i; μ_ki, σ_ki²)]`` with weights
+    ``π = softmax(logits)`` and scales ``σ = exp(s)``. At construction ``logits = 0`` (equal
+    weights), ``s = 0`` and the means ``μ_k ~ N(0, I)`` (from ``rngs.params()``).
+
+    Sampling draws the component (categorical) and then the Gaussian; it is reparameterised in
+    ``μ`` and ``s`` but not in the weights (no gradient reaches ``logits`` through samples).
+    """
+
+    def __init__(self, dim: int, num_components: int, *, rngs: nnx.Rngs):
+        self.event_shape = _event_shape_of("GaussianMixture", dim)
+        if isinstance(num_components, bool) or int(num_components) < 1:
+            raise ValueError(
+                f"GaussianMixture: num_components must be ≥ 1, received {num_components!r}"
+            )
+        k, d = int(num_components), self.event_shape[0]
+        self.num_components = k
+        self.logits = nnx.Param(jnp.zeros((k,), jnp.float32))
+        self.means = nnx.Param(jax.random.normal(rngs.params(), (k, d)))
+        self.log_scales = nnx.Param(jnp.zeros((k, d), jnp.float32))
+
+    def component_log_probs(self, x: Array) -> Array:
+        """``log π_k + log N(x; μ_k, σ_k²)``, shape ``(*batch, K)``."""
+        _check_event(self, x)
+        s = self.log_scales[...]
+        u = (x[..., None, :] - self.means[...]) * jnp.exp(-s)
+        log_normal = jnp.sum(-0.5 * jnp.square(u) - s - _HALF_LOG_2PI, axis=-1)
+        return jax.nn.log_softmax(self.logits[...]) + log_normal
+
+    def log_prob(self, x, context=None):
+        return jax.scipy.special.logsumexp(self.component_log_probs(x), axis=-1)
+
+    def sample(self, key, shape=(), context=None):
+        shape = tuple(shape)
+        key_k, key_eps = jax.random.split(key)
+        k = jax.random.categorical(key_k, self.logits[...], shape=shape)
+        eps = jax.random.normal(key_eps, (*shape, *self.event_shape))
+        return self.means[...][k] + jnp.exp(self.log_scales[...][k]) * eps
+
+
+class StudentT(Distribution):
+    r"""Independent standard Student-t coordinates with ``ν_i`` degrees of freedom.
+
+    ``log p(x) = Σ_i [lgamma((ν_i+1)/2) − lgamma(ν_i/2) − ½·log(ν_i π)
+    − (ν_i+1)/2 · log(1 + x_i²/ν_i)]`` (location 0, scale 1; a heavy-tailed base, as in
+    Jaini et al. 2020, "Tails of Lipschitz triangular flows").
+
+    ``df`` is a scalar or one value per coordinate (all > 0). By default it is **fixed**
+    (stored as a :class:`~nflax.bijections.Buffer`, never trained); ``learn_df=True`` makes it
+    learnable, parameterised as ``ν = exp(log_df)`` (an :class:`nnx.Param`) so it stays
+    positive. The variance is ``ν/(ν − 2)`` for ``ν > 2`` (infinite otherwise).
+    """
+
+    def __init__(self, dim: int, df: float | Array = 5.0, *, learn_df: bool = False):
+        self.event_shape = _event_shape_of("StudentT", dim)
+        df_arr = jnp.asarray(df, jnp.float32)
+        try:
+            df_arr = jnp.broadcast_to(df_arr, self.event_shape)
+        except ValueError:
+            raise ValueError(
+                f"StudentT: df must be a scalar or have shape {self.event_shape}, "
+                f"received shape {df_arr.shape}"
+            ) from None
+        if not bool(jnp.all(jnp.isfinite(df_arr) & (df_arr > 0))):
+            raise ValueError(f"StudentT: df must be positive and finite, received {df}")
+        self.learn_df = bool(learn_df)
+        if self.learn_df:
+            self.log_df = nnx.Param(jnp.log(df_arr))
+        else:
+            self.log_df = Buffer(jnp.log(df_arr))
+
+    @property
+    def df(self) -> Array:
+        """The degrees of freedom ``ν``, one per coordinate."""
+        return jnp.exp(self.log_df[...])
+
+    def log_prob(self, x, context=None):
+        _check_event(self, x)
+        nu = self.df
+        log_norm = (
+            jax.scipy.special.gammaln(0.5 * (nu + 1))
+            - jax.scipy.special.gammaln(0.5 * nu)
+            - 0.5 * jnp.log(nu * math.pi)
+        )
+        return jnp.sum(log_norm - 0.5 * (nu + 1) * jnp.log1p(jnp.square(x) / nu), axis=-1)
+
+    def sample(self, key, shape=(), context=None):
+        shape = (*tuple(shape), *self.event_shape)
+        return jax.random.t(key, jnp.broadcast_to(self.df, shape), shape)
+
+
+class Uniform(Distribution):
+    r"""The uniform distribution on the box ``[low, high]`` (not trainable).
+
+    ``log p(x) = −Σ_i log(high_i − low_i)`` inside the box (bounds included), ``−inf``
+    outside. ``low`` and ``high`` are arrays of shape ``(dim,)`` or scalars together with
+    ``dim``; both are stored as :class:`~nflax.bijections.Buffer` s. ``log_prob`` has no useful
+    gradient in ``x`` (it is piecewise constant), so a flow with this base is trained through
+    its bijection's log-determinant only.
+
+    >>> Uniform(0.0, 2.0, dim=2).log_prob(jnp.array([[1.0, 1.0], [3.0, 1.0]]))
+    Array([-1.3862944,       -inf], dtype=float32)
+    """
+
+    def __init__(self, low: float | Array, high: float | Array, *, dim: int | None = None):
+        low_a, high_a = jnp.asarray(low, jnp.float32), jnp.asarray(high, jnp.float32)
+        if dim is None:
+            if low_a.ndim == 0 and high_a.ndim == 0:
+                raise ValueError(
+                    "Uniform: scalar low and high need dim=, received dim=None "
+                    "(or pass arrays of shape (dim,))"
+                )
+            shape = jnp.broadcast_shapes(low_a.shape, high_a.shape)
+        else:
+            shape = _event_shape_of("Uniform", dim)
+        if len(shape) != 1:
+            raise ValueError(
+                f"Uniform: low and high must be scalars or 1D arrays of shape (dim,), "
+                f"received shapes {low_a.shape} and {high_a.shape}"
+            )
+        try:
+            low_a, high_a = jnp.broadcast_to(low_a, shape), jnp.broadcast_to(high_a, shape)
+        except ValueError:
+            raise ValueError(
+                f"Uniform: low {low_a.shape} and high {high_a.shape} must broadcast to "
+                f"the event shape {shape}"
+            ) from None
+        ok = jnp.isfinite(low_a) & jnp.isfinite(high_a) & (low_a < high_a)
+        if not bool(jnp.all(ok)):
+            raise ValueError(
+                f"Uniform: expected finite bounds with low < high in every coordinate, "
+                f"received low={low_a.tolist()}, high={high_a.tolist()}"
+            )
+        self.event_shape = tuple(shape)
+        self.low = Buffer(low_a)
+        self.high = Buffer(high_a)
+
+    def log_prob(self, x, context=None):
+        _check_event(self, x)
+        low, high = self.low[...], self.high[...]
+        inside = jnp.all((x >= low) & (x <= high), axis=-1)
+        return jnp.where(inside, -jnp.sum(jnp.log(high - low)), -jnp.inf)
+
+    def sample(self, key, shape=(), context=None):
+        shape = (*tuple(shape), *self.event_shape)
+        return jax.random.uniform(key, shape, minval=self.low[...], maxval=self.high[...])
 
 
 class Flow(nnx.Module):

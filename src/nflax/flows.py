@@ -9,6 +9,12 @@ import jax.numpy as jnp  # noqa: F401  (doctest namespace)
 from flax import nnx
 
 from nflax.bijections import AffineCoupling, Bijection, Chain, LeakyReLU, Stack, alternating_mask
+from nflax.bijections.autoregressive import MaskedAutoregressive
+from nflax.bijections.base import Invert
+from nflax.bijections.coupling import AdditiveCoupling, SplineCoupling
+from nflax.bijections.elementwise import Affine
+from nflax.bijections.planar import Planar
+from nflax.bijections.splines import num_spline_params
 from nflax.distributions import Flow, StandardNormal
 from nflax.nets import MLP
 
@@ -80,3 +86,231 @@ def realnvp(
         context_dim=context_dim,
     )
     return Flow(StandardNormal(dim), bijection, spec=spec)
+
+
+@register
+def planar(dim: int, *, num_layers: int = 16, rngs: nnx.Rngs) -> Flow:
+    """Planar flow (Rezende & Mohamed 2015): ``num_layers`` :class:`~nflax.bijections.Planar`.
+
+    Each layer is ``z = x + û·tanh(wᵀx + b)`` in the forward (data → latent) direction, so
+    ``log_prob`` is closed-form and sampling inverts each layer numerically (bisection + one
+    Newton step, float precision). The identical layers are stacked and scanned.
+
+    >>> flow = planar(2, num_layers=4, rngs=nnx.Rngs(0))
+    >>> flow.log_prob(jnp.zeros((3, 2))).shape
+    (3,)
+    """
+    _check_dim("planar", dim, num_layers)
+    dim, num_layers = int(dim), int(num_layers)
+    bijection = Stack([Planar(dim, rngs=rngs) for _ in range(num_layers)])
+    spec = _spec("planar", dim=dim, num_layers=num_layers)
+    return Flow(StandardNormal(dim), bijection, spec=spec)
+
+
+def _context_dim(name: str, context_dim: int | None) -> int | None:
+    if context_dim is None:
+        return None
+    if int(context_dim) < 1:
+        raise ValueError(f"{name}: context_dim must be ≥ 1 or None, received {context_dim}")
+    return int(context_dim)
+
+
+def _coupling_mask(dim: int, i: int):
+    """Layer ``i``'s coupling mask: alternating parities; for ``dim = 1`` always ``[0]`` (the
+    one coordinate is transformed, by a function of the context only), never the identity."""
+    return alternating_mask(dim, 1) if dim == 1 else alternating_mask(dim, i % 2)
+
+
+def _order(dim: int, i: int) -> list[int]:
+    """Autoregressive order of layer ``i``: ``1..dim``, reversed on odd layers (the flip that
+    mixes the coordinates between layers; for ``dim = 1`` nothing to reverse)."""
+    order = list(range(1, dim + 1))
+    return order[::-1] if i % 2 else order
+
+
+@register
+def nice(
+    dim: int,
+    *,
+    num_layers: int = 4,
+    hidden: Sequence[int] = (64, 64),
+    context_dim: int | None = None,
+    rngs: nnx.Rngs,
+) -> Flow:
+    """NICE (Dinh et al. 2015): additive couplings with alternating masks, then a diagonal scale.
+
+    ``num_layers`` :class:`~nflax.bijections.coupling.AdditiveCoupling` layers (volume
+    preserving, MLP conditioners, masks ``[1,0,…]`` / ``[0,1,…]`` alternating), stacked and
+    scanned, followed by one elementwise :class:`~nflax.bijections.Affine` — the paper's
+    diagonal scaling, the only layer that changes volume.
+
+    >>> flow = nice(2, num_layers=4, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> flow.log_prob(jnp.zeros((3, 2))).shape
+    (3,)
+    """
+    _check_dim("nice", dim, num_layers)
+    dim, num_layers = int(dim), int(num_layers)
+    hidden = tuple(int(h) for h in hidden)
+    context_dim = _context_dim("nice", context_dim)
+    cin = dim + (context_dim or 0)
+    couplings = [
+        AdditiveCoupling(
+            _coupling_mask(dim, i), MLP(cin, dim, hidden=hidden, rngs=rngs), context_dim=context_dim
+        )
+        for i in range(num_layers)
+    ]
+    bijection = Chain([Stack(couplings), Affine(dim)])
+    spec = _spec(
+        "nice", dim=dim, num_layers=num_layers, hidden=list(hidden), context_dim=context_dim
+    )
+    return Flow(StandardNormal(dim), bijection, spec=spec)
+
+
+def _autoregressive_layers(
+    name: str,
+    dim: int,
+    num_layers: int,
+    hidden: Sequence[int],
+    context_dim: int | None,
+    rngs: nnx.Rngs,
+    **transformer,
+) -> list[MaskedAutoregressive]:
+    _check_dim(name, dim, num_layers)
+    context_dim = _context_dim(name, context_dim)
+    return [
+        MaskedAutoregressive(
+            int(dim),
+            hidden=tuple(int(h) for h in hidden),
+            context_dim=context_dim,
+            order=_order(int(dim), i),
+            rngs=rngs,
+            **transformer,
+        )
+        for i in range(int(num_layers))
+    ]
+
+
+@register
+def maf(
+    dim: int,
+    *,
+    num_layers: int = 5,
+    hidden: Sequence[int] = (64, 64),
+    context_dim: int | None = None,
+    rngs: nnx.Rngs,
+) -> Flow:
+    """Masked autoregressive flow (Papamakarios et al. 2017) with affine transformers.
+
+    ``num_layers`` :class:`~nflax.bijections.autoregressive.MaskedAutoregressive` layers whose
+    autoregressive order is reversed from one layer to the next (dim 1: one order; dim 2: a
+    flip), stacked and scanned. Density (``log_prob``, forward) costs one pass per layer;
+    sampling (inverse) costs ``dim`` passes per layer.
+
+    >>> flow = maf(2, num_layers=3, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> flow.log_prob(jnp.zeros((3, 2))).shape
+    (3,)
+    """
+    layers = _autoregressive_layers("maf", dim, num_layers, hidden, context_dim, rngs)
+    spec = _spec(
+        "maf",
+        dim=int(dim),
+        num_layers=int(num_layers),
+        hidden=[int(h) for h in hidden],
+        context_dim=layers[0].context_dim,
+    )
+    return Flow(StandardNormal(int(dim)), Stack(layers), spec=spec)
+
+
+@register
+def iaf(
+    dim: int,
+    *,
+    num_layers: int = 5,
+    hidden: Sequence[int] = (64, 64),
+    context_dim: int | None = None,
+    rngs: nnx.Rngs,
+) -> Flow:
+    """Inverse autoregressive flow (Kingma et al. 2016): :func:`maf`'s layers, each inverted.
+
+    Every layer is ``Invert(MaskedAutoregressive(...))``: sampling (inverse) is one pass per
+    layer, ``log_prob`` of arbitrary data (forward) costs ``dim`` passes per layer. Suited to
+    variational inference (``fit_vi``), where only samples and their densities are needed.
+
+    >>> import jax
+    >>> flow = iaf(2, num_layers=3, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> flow.sample(jax.random.key(0), 4).shape
+    (4, 2)
+    """
+    layers = _autoregressive_layers("iaf", dim, num_layers, hidden, context_dim, rngs)
+    spec = _spec(
+        "iaf",
+        dim=int(dim),
+        num_layers=int(num_layers),
+        hidden=[int(h) for h in hidden],
+        context_dim=layers[0].context_dim,
+    )
+    return Flow(StandardNormal(int(dim)), Stack([Invert(b) for b in layers]), spec=spec)
+
+
+@register
+def nsf(
+    dim: int,
+    *,
+    variant: str = "coupling",
+    num_layers: int = 5,
+    hidden: Sequence[int] = (64, 64),
+    bins: int = 8,
+    bound: float = 3.0,
+    context_dim: int | None = None,
+    rngs: nnx.Rngs,
+) -> Flow:
+    """Neural spline flow (Durkan et al. 2019): rational-quadratic splines on ``[-bound, bound]``
+    with ``bins`` bins, identity outside.
+
+    ``variant="coupling"``: :class:`~nflax.bijections.coupling.SplineCoupling` layers with MLP
+    conditioners and alternating masks (one pass both ways). ``variant="autoregressive"``:
+    :class:`~nflax.bijections.autoregressive.MaskedAutoregressive` spline layers with the order
+    reversed between layers (one pass for density, ``dim`` for sampling). Either way the
+    layers are stacked and scanned.
+
+    >>> flow = nsf(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> flow.log_prob(jnp.zeros((3, 2))).shape
+    (3,)
+    """
+    if variant not in ("coupling", "autoregressive"):
+        raise ValueError(
+            f"nsf: variant must be 'coupling' or 'autoregressive', received {variant!r}"
+        )
+    if int(bins) < 2 or not float(bound) > 0:
+        raise ValueError(f"nsf: expected bins ≥ 2 and bound > 0, received {bins} and {bound}")
+    dim, num_layers, bins, bound = int(dim), int(num_layers), int(bins), float(bound)
+    hidden = tuple(int(h) for h in hidden)
+    if variant == "autoregressive":
+        spline = {"transformer": "spline", "bins": bins, "bound": bound}
+        layers = _autoregressive_layers("nsf", dim, num_layers, hidden, context_dim, rngs, **spline)
+        context_dim = layers[0].context_dim
+    else:
+        _check_dim("nsf", dim, num_layers)
+        context_dim = _context_dim("nsf", context_dim)
+        cout = dim * num_spline_params(bins)
+        layers = [
+            SplineCoupling(
+                _coupling_mask(dim, i),
+                MLP(dim + (context_dim or 0), cout, hidden=hidden, rngs=rngs),
+                bins=bins,
+                bound=bound,
+                context_dim=context_dim,
+            )
+            for i in range(num_layers)
+        ]
+    spec = _spec(
+        "nsf",
+        dim=dim,
+        variant=variant,
+        num_layers=num_layers,
+        hidden=list(hidden),
+        bins=bins,
+        bound=bound,
+        context_dim=context_dim,
+    )
+    return Flow(StandardNormal(dim), Stack(layers), spec=spec)
