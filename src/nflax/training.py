@@ -22,6 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from nflax.bijections.base import Buffer
+from nflax.bijections.normalization import DataInit
 from nflax.distributions import Flow
 
 Array = jax.Array
@@ -100,11 +102,16 @@ def check_data(x, event_shape: tuple[int, ...], name: str = "x") -> np.ndarray:
     return arr
 
 
-def _nll(graphdef, params, rest, x, w=None):
-    """Mean NLL of ``x`` (weights ``w``) and the model's non-parameter state after the call."""
-    model = nnx.merge(graphdef, params, rest)
+# State that no training step changes: masks, permutations, data-dependent initialisation
+# (done once, before the first step). It enters the compiled loop as constants.
+_FROZEN = nnx.Any(Buffer, DataInit)
+
+
+def _nll(graphdef, params, rest, x, w=None, frozen=None):
+    """Mean NLL of ``x`` (weights ``w``) and the model's mutable state after the call."""
+    model = nnx.merge(graphdef, params, frozen, rest)
     lp = model.log_prob(x)
-    new_rest = nnx.state(model, nnx.Not(nnx.Param))
+    new_rest = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, _FROZEN)))
     if w is None:
         return -jnp.mean(lp), new_rest
     return -jnp.sum(lp * w) / jnp.sum(w), new_rest
@@ -264,9 +271,9 @@ def fit(
         flow.log_prob(x_train[:bsz])
     # Training mode (batch statistics) for the steps, evaluation mode for the validation NLL.
     flow.eval()
-    graphdef_eval = nnx.split(flow, nnx.Param, ...)[0]
+    graphdef_eval = nnx.split(flow, nnx.Param, _FROZEN, ...)[0]
     flow.train()
-    graphdef, params, rest = nnx.split(flow, nnx.Param, ...)
+    graphdef, params, frozen, rest = nnx.split(flow, nnx.Param, _FROZEN, ...)
     opt_state = tx.init(params)
     patience_v = patience if patience is not None else -1
 
@@ -287,14 +294,14 @@ def fit(
         t = carry["step"]
         xb, w, perm = batch_at(carry)
         (loss, new_rest), grads = jax.value_and_grad(
-            lambda q: _nll(graphdef, q, rest, xb, w), has_aux=True
+            lambda q: _nll(graphdef, q, rest, xb, w, frozen), has_aux=True
         )(p)
         finite = jnp.isfinite(loss) & _all_finite(grads)
         if has_val:
             do_eval = (t % eval_every == 0) | (t == total - 1)
             metric = jax.lax.cond(
                 do_eval,
-                lambda: _nll(graphdef_eval, p, rest, x_val)[0],
+                lambda: _nll(graphdef_eval, p, rest, x_val, None, frozen)[0],
                 lambda: jnp.float32(jnp.nan),
             )
         else:
@@ -420,16 +427,16 @@ def _last_finite(a: np.ndarray) -> float:
     return float(f[-1]) if f.size else float("nan")
 
 
-def _positive_int(name: str, v) -> int:
+def _positive_int(name: str, v, who: str = "fit") -> int:
     if isinstance(v, bool) or not isinstance(v, int | np.integer) or int(v) < 1:
-        raise ValueError(f"fit: {name} must be a positive integer, received {v!r}")
+        raise ValueError(f"{who}: {name} must be a positive integer, received {v!r}")
     return int(v)
 
 
 def nll(flow: Flow, x, batch_size: int = 65536) -> np.ndarray:
     """Per-point negative log-likelihood ``−log p(x)`` of ``x`` under ``flow`` (host array)."""
     data = check_data(x, flow.event_shape)
-    graphdef, state = nnx.split(flow)
-    fn = jax.jit(lambda s, xb: -nnx.merge(graphdef, s).log_prob(xb))
+    graphdef, frozen, state = nnx.split(flow, _FROZEN, ...)
+    fn = jax.jit(lambda s, xb: -nnx.merge(graphdef, frozen, s).log_prob(xb))
     out = [np.asarray(fn(state, data[i : i + batch_size])) for i in range(0, len(data), batch_size)]
     return np.concatenate(out)
