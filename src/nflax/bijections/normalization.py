@@ -100,7 +100,7 @@ class ActNorm(Bijection):
     def needs_data_init(self) -> bool:
         """True while the data-dependent initialisation has not run (read eagerly)."""
         flag = self.initialized[...]
-        return _is_concrete(flag) and not bool(flag)
+        return _is_concrete(flag) and not bool(jnp.all(flag))
 
     def _positions(self) -> int:
         return math.prod(self.event_shape[:-1])
