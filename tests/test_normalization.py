@@ -94,7 +94,9 @@ def test_actnorm_under_nnx_jit_and_in_a_stack():
     np.testing.assert_allclose(layer.forward(x)[0].std(0), 1.0, atol=1e-4)
 
     stack = Stack([ActNorm(3) for _ in range(2)])
+    assert stack.layer.needs_data_init  # stacked flags, shape (2,)
     z, _ = stack.forward(x)
+    assert not stack.layer.needs_data_init
     assert np.all(np.asarray(stack.layer.initialized[...]))
     np.testing.assert_allclose(stack.forward(x)[0], z, atol=1e-5)
     np.testing.assert_allclose(stack.inverse(z)[0], x, atol=1e-4)
