@@ -13,6 +13,7 @@ from nflax.bijections.autoregressive import MaskedAutoregressive
 from nflax.bijections.base import Invert
 from nflax.bijections.coupling import AdditiveCoupling, SplineCoupling
 from nflax.bijections.elementwise import Affine
+from nflax.bijections.normalization import ActNorm
 from nflax.bijections.planar import Planar
 from nflax.bijections.splines import num_spline_params
 from nflax.distributions import Flow, StandardNormal
@@ -52,6 +53,7 @@ def realnvp(
     num_layers: int = 8,
     hidden: Sequence[int] = (64, 64),
     leaky_relu: bool = False,
+    actnorm: bool = False,
     context_dim: int | None = None,
     rngs: nnx.Rngs,
 ) -> Flow:
@@ -59,8 +61,11 @@ def realnvp(
 
     ``num_layers`` coupling layers, masks ``[1,0,…]`` and ``[0,1,…]`` alternating, each with an
     MLP conditioner (tanh, ``hidden`` sizes). ``leaky_relu=True`` follows every coupling with the
-    tutorial's learnable :class:`~nflax.bijections.LeakyReLU`. The identical blocks are stacked
-    and scanned, so compile time does not grow with ``num_layers``.
+    tutorial's learnable :class:`~nflax.bijections.LeakyReLU`. ``actnorm=True`` puts an
+    :class:`~nflax.bijections.ActNorm` first, which standardises the data from the first
+    training batch (the conditioners then see inputs of unit scale; ``nflax train`` uses it).
+    The identical blocks are stacked and scanned, so compile time does not grow with
+    ``num_layers``.
 
     >>> flow = realnvp(2, num_layers=4, rngs=nnx.Rngs(0))
     >>> flow.log_prob(jnp.zeros((3, 2))).shape
@@ -77,12 +82,15 @@ def realnvp(
         return Chain([layer, LeakyReLU(dim)]) if leaky_relu else layer
 
     bijection = Stack([block(i) for i in range(num_layers)])
+    if actnorm:
+        bijection = Chain([ActNorm(dim), bijection])
     spec = _spec(
         "realnvp",
         dim=dim,
         num_layers=num_layers,
         hidden=list(hidden),
         leaky_relu=bool(leaky_relu),
+        actnorm=bool(actnorm),
         context_dim=context_dim,
     )
     return Flow(StandardNormal(dim), bijection, spec=spec)
