@@ -1,4 +1,4 @@
-"""Save and load flows: a self-describing folder that rebuilds the flow with no other code.
+"""Save and load flows (a self-describing folder) and training checkpoints (exact resume).
 
 Layout of a checkpoint folder::
 
@@ -118,3 +118,85 @@ def load(path: str | os.PathLike) -> Flow:
     nnx.replace_by_pure_dict(state := nnx.state(flow), restored)
     nnx.update(flow, state)
     return flow
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: the whole training state, so that a run resumes exactly.
+class TrainingCheckpoints:
+    """The last ``keep`` training checkpoints of a :func:`nflax.fit` run, in ``directory``.
+
+    Each checkpoint holds every array of the training state (parameters, non-parameter state,
+    optimizer state, best parameters, step, minibatch order) and a JSON record (history so
+    far, PRNG key, a fingerprint of the data and settings). orbax writes each one under a
+    temporary name and renames it when complete, so a process killed at any moment leaves
+    only complete checkpoints behind (an interrupted one is ignored and cleaned up).
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        self.directory = Path(directory).absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(f"checkpoint_dir {self.directory} is a file, expected a folder")
+        if int(keep) < 1:
+            raise CheckpointError(f"checkpoints to keep must be ≥ 1, received {keep}")
+        self._ocp = ocp
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=int(keep), enable_async_checkpointing=False, create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, arrays: list, record: dict) -> None:
+        if step in self._manager.all_steps():
+            return
+        ocp = self._ocp
+        state = {f"{i:05d}": a for i, a in enumerate(arrays)}
+        record = {**record, "num_arrays": len(arrays), "shapes": _shapes(arrays)}
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+            ),
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, like: list) -> tuple[list, dict]:
+        """The arrays (shaped like ``like``) and the record of the latest checkpoint."""
+        step = self.latest_step()
+        if step is None:
+            raise CheckpointError(f"no training checkpoint in {self.directory}")
+        ocp = self._ocp
+        target = {f"{i:05d}": a for i, a in enumerate(like)}
+        try:
+            record = self._manager.restore(
+                step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+            )["record"]
+        except Exception as e:
+            raise self._unreadable(step, e) from None
+        if record.get("num_arrays") != len(like) or record.get("shapes") != _shapes(like):
+            raise CheckpointError(
+                f"{self.directory}: checkpoint {step} was written by a different architecture "
+                f"or optimizer (its state does not match this flow's)"
+            )
+        try:
+            state = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )["state"]
+        except Exception as e:
+            raise self._unreadable(step, e) from None
+        return [state[k] for k in sorted(state)], record
+
+    def _unreadable(self, step: int, e: Exception) -> CheckpointError:
+        return CheckpointError(f"{self.directory}: checkpoint {step} is unreadable: {e}")
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _shapes(arrays: list) -> list:
+    return [[list(a.shape), str(a.dtype)] for a in arrays]

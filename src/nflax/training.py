@@ -9,8 +9,10 @@ part of the scanned state. Python only wakes between chunks (progress, callback)
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -181,6 +183,10 @@ def fit(
     chunk_size: int = 500,
     progress: bool | None = None,
     callback: Callable[[int, dict], bool | None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 3,
+    resume: bool = False,
 ) -> History:
     """Fit ``flow`` to data ``x`` by maximum likelihood (minimise the mean NLL), in place.
 
@@ -204,6 +210,14 @@ def fit(
       chunk_size: optimizer steps per compiled call (Python wakes up between chunks).
       progress: progress bar on stderr; default on when stderr is a terminal.
       callback: ``callback(step, metrics)`` called between chunks; returning ``True`` stops.
+      checkpoint_dir: save the whole training state (flow, optimizer, step, minibatch order,
+        best parameters, history) here every ``checkpoint_every`` steps and at the end,
+        keeping the last ``keep_checkpoints``. Each checkpoint is written atomically.
+      checkpoint_every: steps between checkpoints (default ``chunk_size``); it becomes the
+        chunk size, so a killed run loses at most this many steps.
+      resume: continue from the latest checkpoint in ``checkpoint_dir`` (the same data, key
+        and settings are required, and checked); without one, start from scratch. A run of
+        ``2N`` steps and a run of ``N`` steps resumed to ``2N`` give the same parameters.
 
     Returns:
       A :class:`History`. A non-finite loss or gradient stops training (``stop_reason
@@ -233,6 +247,10 @@ def fit(
         val_fraction = 0.1 if patience is not None else 0.0
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"fit: val_fraction must be in [0, 1), received {val_fraction}")
+    if checkpoint_every is not None:
+        chunk_size = _positive_int("checkpoint_every", checkpoint_every)
+    if resume and checkpoint_dir is None:
+        raise ValueError("fit: resume=True needs a checkpoint_dir")
     if max_grad_norm is not None and not float(max_grad_norm) > 0:
         raise ValueError(f"fit: max_grad_norm must be > 0, received {max_grad_norm}")
 
@@ -361,30 +379,70 @@ def fit(
     compile_seconds = time.perf_counter() - t0
     carry = jax.tree.map(jnp.copy, carry)  # donation must not consume the flow's own arrays
 
-    # ---- the driver: Python wakes between chunks --------------------------------------
+    # ---- checkpoints: open, and resume from the latest one ------------------------------
     losses, vals = [], []
+    ckpt = None
+    if checkpoint_dir is not None:
+        from nflax.checkpoint import TrainingCheckpoints
+
+        ckpt = TrainingCheckpoints(checkpoint_dir, keep_checkpoints)
+        fingerprint = {
+            "data_sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+            "data_shape": list(data.shape),
+            "key": np.asarray(jax.random.key_data(key)).tolist(),
+            "val_fraction": float(val_fraction),
+            "batch_size": bsz,
+        }
+        leaves, treedef = jax.tree.flatten(carry)
+        if ckpt.latest_step() is not None:
+            if not resume:
+                raise ValueError(
+                    f"fit: {ckpt.directory} already holds training checkpoints; pass "
+                    f"resume=True to continue that run, or choose an empty checkpoint_dir"
+                )
+            saved, record = ckpt.restore(leaves)
+            if record.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"fit: the checkpoints in {ckpt.directory} come from a run with other data, "
+                    f"key, val_fraction or batch size; cannot resume"
+                )
+            carry = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved])
+            losses.append(np.asarray(record["loss"], np.float32))
+            vals.append(np.asarray(record["val"], np.float32))
+
+    def save_checkpoint():
+        if ckpt is None:
+            return
+        step = int(carry["step"])
+        record = {
+            "step": step,
+            "loss": np.concatenate(losses)[:step].tolist() if losses else [],
+            "val": np.concatenate(vals)[:step].tolist() if vals else [],
+            "fingerprint": fingerprint,
+        }
+        ckpt.save(step, [np.asarray(a) for a in jax.tree.leaves(carry)], record)
+
+    # ---- the driver: Python wakes between chunks --------------------------------------
     bar = _Progress(steps, progress)
     stop_reason = "steps"
+    start_step = int(carry["step"])
     t0 = time.perf_counter()
-    done = 0
     while True:
         carry, (loss_c, val_c) = compiled(carry, *args)
         step, status = int(carry["step"]), int(carry["status"])
         losses.append(np.asarray(loss_c))
         vals.append(np.asarray(val_c))
         elapsed = time.perf_counter() - t0
-        rate = step / elapsed if elapsed > 0 else float("nan")
+        rate = (step - start_step) / elapsed if elapsed > 0 else float("nan")
         last_loss = _last_finite(losses[-1])
         last_val = _last_finite(vals[-1]) if has_val else None
         bar.update(step, last_loss, last_val, rate)
+        save_checkpoint()
         if status != _RUNNING:
             stop_reason = _REASONS[status]
             break
         if step >= steps:
             break
-        if step == done:  # no progress: cannot happen unless status changed; guard anyway
-            break
-        done = step
         if callback is not None and callback(
             step, {"loss": last_loss, "val_loss": last_val, "steps_per_second": rate}
         ):
@@ -393,6 +451,8 @@ def fit(
     jax.block_until_ready(carry)
     train_seconds = time.perf_counter() - t0
     bar.close()
+    if ckpt is not None:
+        ckpt.close()
 
     loss_all = np.concatenate(losses)
     val_all = np.concatenate(vals)
@@ -416,7 +476,7 @@ def fit(
         best_loss=float(carry["best_metric"]) if best_step >= 0 else None,
         non_finite_step=steps_run if stop_reason == "non_finite" else None,
         restored_best=restored,
-        steps_per_second=steps_run / train_seconds if train_seconds > 0 else float("nan"),
+        steps_per_second=(steps_run - start_step) / train_seconds if train_seconds > 0 else 0.0,
         compile_seconds=compile_seconds,
         train_seconds=train_seconds,
     )
