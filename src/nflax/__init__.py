@@ -4,10 +4,11 @@ Direction convention: ``forward`` maps data → latent (normalizing), ``inverse`
 latent → data (sampling); ``log p(x) = log p_base(f(x)) + log|det ∂f/∂x|``.
 """
 
-from nflax import bijections, checkpoint, datasets, distributions, flows, nets, plotting
+from nflax import bijections, checkpoint, datasets, distributions, flows, nets, plotting, vi
 from nflax.checkpoint import load, save
 from nflax.distributions import Flow, StandardNormal
 from nflax.training import History, fit, nll
+from nflax.vi import VIHistory, fit_vi
 
 __all__ = [
     "Flow",
@@ -18,11 +19,14 @@ __all__ = [
     "datasets",
     "distributions",
     "fit",
+    "fit_vi",
     "load",
     "save",
     "flows",
     "nets",
     "nll",
     "plotting",
+    "vi",
+    "VIHistory",
 ]
 __version__ = "0.1.0"

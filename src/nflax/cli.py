@@ -1,4 +1,4 @@
-"""The ``nflax`` command: ``nflax train`` and ``nflax sample``.
+"""The ``nflax`` command: ``nflax train``, ``nflax sample`` and ``nflax vi``.
 
 This is the only module that knows about files and flags. Errors a user can cause (an unknown
 data set, a bad flag value, a missing run) exit with status 2 and one line on stderr.
@@ -56,7 +56,7 @@ def _fraction(s: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nflax", description="Normalizing flows in JAX: train, sample.")
+    p = _Parser(prog="nflax", description="Normalizing flows in JAX: train, sample, vi.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a flow on a built-in 2D data set")
@@ -112,6 +112,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--num", type=_positive_int, default=1000, help="number of samples")
     s.add_argument("-o", "--output", required=True, help="output file, .npy or .csv")
     s.add_argument("--seed", type=int, default=0, help="random seed")
+
+    v = sub.add_parser("vi", help="fit a flow to an unnormalised density (variational inference)")
+    v.add_argument(
+        "--target",
+        default="energy1",
+        help="target name (default: energy1; an unknown name lists the known ones)",
+    )
+    v.add_argument(
+        "--dim", type=_positive_int, default=None, help="dimension (correlated_gaussian)"
+    )
+    v.add_argument("--flow", default="realnvp", help="flow constructor (default: realnvp)")
+    v.add_argument("--layers", type=_positive_int, default=6, help="number of layers (default: 6)")
+    v.add_argument(
+        "--hidden",
+        type=_positive_int,
+        nargs="+",
+        default=[32],
+        help="conditioner hidden sizes (default: 32)",
+    )
+    v.add_argument("--leaky-relu", action="store_true", help="interleave LeakyReLU (realnvp)")
+    v.add_argument(
+        "--steps", type=_positive_int, default=5000, help="optimizer steps (default: 5000)"
+    )
+    v.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=512,
+        help="samples per step for the ELBO (default: 512)",
+    )
+    v.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=1e-2,
+        help="adam learning rate, cosine-decayed to 0 (default: 0.01)",
+    )
+    v.add_argument(
+        "--stick-the-landing",
+        action="store_true",
+        help="path-derivative gradient (Roeder et al. 2017): drop the score term",
+    )
+    v.add_argument("--seed", type=int, default=0, help="random seed")
+    v.add_argument("--out", default=None, help="run folder (default runs/vi-<target>-<time>/)")
+    v.add_argument("--no-plots", action="store_true", help="skip the four figures")
+    v.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
 
@@ -120,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "train":
             return _train(args)
+        if args.command == "vi":
+            return _vi(args)
         return _sample(args)
     except UsageError as e:
         print(f"nflax: error: {e}", file=sys.stderr)
@@ -263,6 +309,109 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _vi(args) -> int:
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from nflax import checkpoint, datasets, flows
+    from nflax.vi import fit_vi, vi_diagnostics
+
+    try:
+        target = datasets.get_target(
+            args.target, **({"dim": args.dim} if args.dim is not None else {})
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    kwargs = _flow_kwargs(args, target.dim)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"vi-{target.name}-{stamp}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"run folder {out} already exists and is not empty")
+
+    key_fit, key_eval, key_plot = jax.random.split(jax.random.key(args.seed), 3)
+    flow = flows.build(args.flow, **kwargs, rngs=nnx.Rngs(args.seed))
+    config = {
+        "command": "vi",
+        "target": target.name,
+        "dim": target.dim,
+        "flow": args.flow,
+        "flow_kwargs": kwargs,
+        "steps": args.steps,
+        "num_samples": args.num_samples,
+        "lr": args.lr,
+        "schedule": "cosine decay to 0",
+        "stick_the_landing": args.stick_the_landing,
+        "seed": args.seed,
+    }
+    history = fit_vi(
+        flow,
+        target.log_density,
+        key=key_fit,
+        steps=args.steps,
+        num_samples=args.num_samples,
+        optimizer=optax.adam(optax.cosine_decay_schedule(args.lr, args.steps)),
+        stick_the_landing=args.stick_the_landing,
+        progress=None if not args.quiet else False,
+    )
+    diag = vi_diagnostics(flow, target.log_density, key=key_eval, num_samples=65536)
+    metrics = {
+        "elbo": diag["elbo"],
+        "elbo_std_error": diag["elbo_std_error"],
+        "ess_fraction": diag["ess_fraction"],
+        "log_z_estimate": diag["log_z"],
+        "log_z": target.log_normalizer,
+        "num_eval_samples": diag["num_samples"],
+        "steps_run": history.steps_run,
+        "stop_reason": history.stop_reason,
+        "steps_per_second": history.steps_per_second,
+        "compile_seconds": history.compile_seconds,
+        "train_seconds": history.train_seconds,
+    }
+    if target.log_normalizer is not None:
+        metrics["kl_q_p"] = target.log_normalizer - diag["elbo"]  # log Z − ELBO = KL(q ‖ p)
+    samples = np.asarray(flow.sample(key_plot, 65536))
+    if target.mean is not None:
+        mean, cov = np.asarray(target.mean), np.asarray(target.covariance)
+        metrics["mean_abs_error"] = float(np.max(np.abs(samples.mean(0) - mean)))
+        err = np.cov(samples.T).reshape(cov.shape) - cov
+        metrics["covariance_rel_error"] = float(np.linalg.norm(err) / np.linalg.norm(cov))
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", config)
+    checkpoint.save(out / "flow", flow)
+    history.to_csv(str(out / "history.csv"))
+    _write_json(out / "metrics.json", metrics)
+    if not args.no_plots:
+        _vi_plots(out, flow, target, history, samples[:2000], key_plot)
+    if not args.quiet:
+        line = f"{target.name}: ELBO {diag['elbo']:.4f}"
+        if target.log_normalizer is not None:
+            line += f" (log Z {target.log_normalizer:.4f}, KL {metrics['kl_q_p']:.4f})"
+        line += f", ESS {100 * diag['ess_fraction']:.1f}%, {history.steps_run} steps → {out}"
+        print(line)
+    return 0
+
+
+def _vi_plots(out: Path, flow, target, history, samples, key) -> None:
+    from nflax import plotting
+
+    figs = {
+        "trajectory.png": plotting.plot_trajectory(flow, samples, key=key, direction="inverse"),
+        "samples.png": plotting.plot_samples(flow, key, n=len(samples)),
+        "loss.png": plotting.plot_elbo(history, target.log_normalizer),
+    }
+    if target.dim == 2:
+        lim = target.box or (float(samples.min()), float(samples.max()))
+        exact = target.log_normalizer is not None
+        figs["density.png"] = plotting.plot_density(
+            flow, xlim=lim, ylim=lim, true_log_prob=target.log_prob if exact else target.log_density
+        )
+    for name, fig in figs.items():
+        fig.savefig(out / name, dpi=110)
 
 
 def _sample(args) -> int:

@@ -213,3 +213,38 @@ def plot_history(history: History) -> Figure:
             fontsize=7,
         )
     return fig
+
+
+def plot_elbo(history, log_normalizer: float | None = None) -> Figure:
+    """A :func:`nflax.fit_vi` run: the ELBO per step (and its running mean) with the
+    ``log Z`` estimates and, when given, the true ``log Z``; the ESS fraction beside it."""
+    elbo = np.asarray(history.elbo)
+    fig = Figure(figsize=(8.5, 3.2), layout="constrained")
+    ax, ax_ess = fig.subplots(1, 2, width_ratios=(3, 2))
+    steps = np.arange(len(elbo))
+    ax.plot(steps, elbo, lw=0.5, alpha=0.4, color="tab:blue", label="ELBO (per step)")
+    if len(elbo) >= 20:
+        k = max(len(elbo) // 50, 5)
+        smooth = np.convolve(np.nan_to_num(elbo), np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=1.2, color="tab:blue", label=f"running mean ({k})")
+    if len(history.eval_steps):
+        ax.plot(
+            history.eval_steps, history.log_z, "o", ms=3, color="tab:orange", label="log Z estimate"
+        )
+    if log_normalizer is not None:
+        ax.axhline(log_normalizer, color="k", ls=":", lw=1, label=f"log Z = {log_normalizer:.3f}")
+    finite = elbo[np.isfinite(elbo)]
+    if finite.size:
+        hi = max(float(np.max(finite)), log_normalizer if log_normalizer is not None else -np.inf)
+        lo = float(np.quantile(finite, 0.05))
+        margin = 0.1 * max(hi - lo, 1e-3)
+        ax.set_ylim(lo - margin, hi + margin)
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats")
+    ax.set_title(f"stopped: {history.stop_reason} after {history.steps_run} steps", fontsize=9)
+    ax.legend(fontsize=7)
+    ax_ess.plot(history.eval_steps, history.ess_fraction, "o-", ms=3, lw=0.8, color="tab:green")
+    ax_ess.set_ylim(0, 1.02)
+    ax_ess.set_xlabel("step")
+    ax_ess.set_title("effective sample size / samples", fontsize=9)
+    return fig

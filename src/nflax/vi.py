@@ -1,0 +1,419 @@
+"""Variational inference: fit a flow ``q`` to an unnormalised density ``p̃`` by reverse KL.
+
+The objective is the negative evidence lower bound,
+
+    loss(θ) = E_{z ~ base} [ log q_θ(x) − log p̃(x) ],   x = f_θ⁻¹(z)   (latent → data),
+
+so ``−loss = ELBO ≤ log Z`` with ``Z = ∫ p̃``, and ``log Z − ELBO = KL(q ‖ p)``. Samples are
+reparameterised: the gradient flows through the inverse pass ``x = f_θ⁻¹(z)``.
+
+* The default ("total derivative") estimator takes ``x`` and ``log q(x)`` from one inverse
+  pass (``Flow.sample_and_log_prob``) and differentiates both.
+* ``stick_the_landing=True`` is the path-derivative estimator of Roeder, Wu & Duvenaud (2017,
+  "Sticking the landing"): ``log q`` is evaluated at ``x`` by a forward pass with the
+  parameters under ``jax.lax.stop_gradient``, which drops the score term ``∂ log q_θ/∂θ`` (zero
+  in expectation). The gradient's variance then vanishes as ``q → p``. It costs one extra
+  forward (data → latent) pass per step.
+
+The engine is :func:`nflax.fit`'s: one jitted ``jax.lax.scan`` per chunk of steps, the flow
+split into ``(graphdef, params, frozen, rest)`` once (masks and initialisation state enter as
+constants), fresh samples drawn inside the compiled loop from ``fold_in(key, step)``, a NaN
+guard in the scanned state, Python awake between chunks.
+
+Diagnostics use importance weights ``w = p̃(x)/q(x)``, ``x ~ q``:
+``log Z ≈ log mean w`` (``mean w`` is unbiased for ``Z``; its log is, in expectation, a lower
+bound on ``log Z`` that is tighter than the ELBO: the importance-weighted bound of Burda et
+al. 2016) and the effective sample size ``ESS = (Σw)²/Σw²``, reported as a fraction of the
+number of samples (1 when ``q = p``; small when ``q`` misses mass of ``p``, such as a mode).
+Reverse KL is mode-seeking: a flow may settle on some modes of a multimodal target, and then
+the ELBO stays about ``log(1/mass covered)`` below ``log Z``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nflax.bijections.normalization import DataInit
+from nflax.distributions import Flow
+from nflax.training import (
+    _FROZEN,
+    _NON_FINITE,
+    _RUNNING,
+    _all_finite,
+    _last_finite,
+    _positive_int,
+    _Progress,
+    _tree_where,
+)
+
+Array = jax.Array
+LogDensity = Callable[[Array], Array]
+
+
+@dataclass
+class VIHistory:
+    """What happened during :func:`fit_vi`.
+
+    ``elbo[t]`` is the ELBO estimate (``−loss``, nats) from the ``num_samples`` samples of step
+    ``t``, with the parameters before that step's update. At the steps ``eval_steps`` a fresh
+    batch of ``eval_samples`` samples gives ``ess_fraction`` (ESS / number of samples) and
+    ``log_z`` (``log mean w``) for the parameters of that step.
+    """
+
+    elbo: np.ndarray
+    eval_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ess_fraction: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    log_z: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    stop_reason: str = "steps"
+    steps_run: int = 0
+    non_finite_step: int | None = None
+    num_samples: int = 0
+    eval_samples: int = 0
+    stick_the_landing: bool = False
+    steps_per_second: float = float("nan")
+    compile_seconds: float = float("nan")
+    train_seconds: float = float("nan")
+
+    @property
+    def loss(self) -> np.ndarray:
+        """The negative ELBO per step (what was minimised)."""
+        return -self.elbo
+
+    def to_dict(self) -> dict:
+        """Plain Python types (lists and numbers), ready for JSON."""
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in vars(self).items()}
+
+    def to_csv(self, path: str | None = None) -> str:
+        """Rows ``step,elbo,ess_fraction,log_z`` (the last two empty where not evaluated)."""
+        ev = {
+            int(t): (e, z)
+            for t, e, z in zip(self.eval_steps, self.ess_fraction, self.log_z, strict=True)
+        }
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["step", "elbo", "ess_fraction", "log_z"])
+        for t, elbo in enumerate(self.elbo.tolist()):
+            extra = [repr(float(v)) for v in ev[t]] if t in ev else ["", ""]
+            w.writerow([t, repr(elbo), *extra])
+        text = buf.getvalue()
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+
+def importance_diagnostics(log_w: Array) -> tuple[Array, Array, Array]:
+    """``(elbo, ess_fraction, log_z)`` from log importance weights ``log w = log p̃ − log q``.
+
+    ``elbo = mean(log w)``, ``log_z = logsumexp(log w) − log n`` and
+    ``ess_fraction = exp(2·logsumexp(log w) − logsumexp(2·log w)) / n``, all in log space.
+
+    >>> import jax.numpy as jnp
+    >>> [round(float(v), 4) for v in importance_diagnostics(jnp.full(8, 1.5))]
+    [1.5, 1.0, 1.5]
+    """
+    n = log_w.shape[0]
+    lse = jax.nn.logsumexp(log_w)
+    ess = jnp.exp(2 * lse - jax.nn.logsumexp(2 * log_w)) / n
+    return jnp.mean(log_w), ess, lse - math.log(n)
+
+
+def _log_weights(graphdef, params, frozen, rest, key, n, log_density, stl):
+    """``log w = log p̃(x) − log q(x)`` for ``n`` reparameterised samples ``x ~ q`` (latent →
+    data), and the model's mutable state after the call. ``frozen``: state no step changes."""
+    model = nnx.merge(graphdef, params, frozen, rest)
+    x, log_q = model.sample_and_log_prob(key, n)
+    new_rest = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, _FROZEN)))
+    if stl:  # log q at x with the parameters held fixed: only the path derivative remains
+        held = nnx.merge(graphdef, jax.lax.stop_gradient(params), frozen, new_rest)
+        log_q = held.log_prob(x)
+    return log_density(x) - log_q, new_rest
+
+
+def check_log_density(log_density: LogDensity, dim: int, n: int, who: str = "fit_vi") -> None:
+    """Trace ``log_density`` once on a ``(n, dim)`` batch (no compute) and check it returns
+    ``(n,)`` floats; a wrong shape or a failure raises ``ValueError``."""
+    if not callable(log_density):
+        raise ValueError(f"{who}: log_density must be callable, received {type(log_density)}")
+    spec = jax.ShapeDtypeStruct((n, dim), jnp.float32)
+    try:
+        out = jax.eval_shape(log_density, spec)
+    except Exception as e:  # any failure of the user's code is reported the same way
+        raise ValueError(
+            f"{who}: log_density failed on a batch of shape ({n}, {dim}): {type(e).__name__}: {e}"
+        ) from e
+    shape = getattr(out, "shape", None)
+    if shape != (n,) or not jnp.issubdtype(out.dtype, jnp.floating):
+        got = f"shape {shape}, dtype {getattr(out, 'dtype', type(out).__name__)}"
+        raise ValueError(
+            f"{who}: log_density must map a batch of shape ({n}, {dim}) to floats of shape "
+            f"({n},), received {got}"
+        )
+
+
+def fit_vi(
+    flow: Flow,
+    log_density: LogDensity,
+    *,
+    key: Array,
+    steps: int,
+    num_samples: int = 256,
+    optimizer: optax.GradientTransformation | None = None,
+    stick_the_landing: bool = False,
+    eval_every: int | None = None,
+    eval_samples: int | None = None,
+    max_grad_norm: float | None = None,
+    chunk_size: int = 500,
+    progress: bool | None = None,
+    callback: Callable[[int, dict], bool | None] | None = None,
+) -> VIHistory:
+    """Fit ``flow`` to ``p̃ = exp(log_density)`` by minimising the negative ELBO, in place.
+
+    Args:
+      flow: the variational flow ``q``; its parameters are updated in place.
+      log_density: ``log p̃``, a JAX function from a batch ``(n, dim)`` to ``(n,)`` (need not
+        be normalised). Its output shape is checked once, before anything compiles.
+      key: PRNG key; step ``t`` draws its samples from ``fold_in(key, t)`` (same key → same
+        result).
+      steps: number of optimizer steps.
+      num_samples: samples per step for the Monte Carlo ELBO.
+      optimizer: an optax transformation, default ``optax.adam(1e-3)``.
+      stick_the_landing: use the path-derivative gradient (see the module docstring).
+      eval_every: compute the ESS and ``log Z`` estimate every this many steps (and at the
+        last step); default ``steps // 20`` capped at ``chunk_size``.
+      eval_samples: samples for those estimates, default ``max(num_samples, 1024)``.
+      max_grad_norm: clip gradients to this global norm.
+      chunk_size: optimizer steps per compiled call (Python wakes up between chunks).
+      progress: progress bar on stderr; default on when stderr is a terminal.
+      callback: ``callback(step, metrics)`` between chunks; returning ``True`` stops.
+
+    Returns:
+      A :class:`VIHistory`. A non-finite loss or gradient stops training (``stop_reason
+      "non_finite"``) and leaves the last finite parameters.
+
+    Layers with data-dependent initialisation (ActNorm) have no data here: they are marked
+    initialised at the identity. Steps run in training mode; the evaluations and the flow
+    afterwards are in evaluation mode.
+
+    >>> import jax, nflax
+    >>> flow = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> target = nflax.datasets.get_target("energy1")
+    >>> hist = nflax.fit_vi(flow, target.log_density, key=jax.random.key(1), steps=10,
+    ...                     progress=False)
+    >>> hist.elbo.shape, hist.stop_reason
+    ((10,), 'steps')
+    """
+    who = "fit_vi"
+    if not isinstance(flow, Flow):
+        raise ValueError(f"{who}: expected an nflax Flow, received {type(flow).__name__}")
+    if len(flow.event_shape) != 1:
+        raise ValueError(
+            f"{who}: needs a flow over vectors (event shape (dim,)), received {flow.event_shape}"
+        )
+    dim = flow.event_shape[0]
+    steps = _positive_int("steps", steps, who)
+    num_samples = _positive_int("num_samples", num_samples, who)
+    chunk_size = _positive_int("chunk_size", chunk_size, who)
+    if eval_every is None:
+        eval_every = max(1, min(chunk_size, steps // 20))
+    eval_every = _positive_int("eval_every", eval_every, who)
+    if eval_samples is None:
+        eval_samples = max(num_samples, 1024)
+    eval_samples = _positive_int("eval_samples", eval_samples, who)
+    if max_grad_norm is not None and not float(max_grad_norm) > 0:
+        raise ValueError(f"{who}: max_grad_norm must be > 0, received {max_grad_norm}")
+    check_log_density(log_density, dim, num_samples, who)
+    stl = bool(stick_the_landing)
+
+    tx = optimizer if optimizer is not None else optax.adam(1e-3)
+    if max_grad_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), tx)
+    for _, m in nnx.iter_graph(flow):  # ActNorm: there is no data in VI, start at the identity
+        flag = getattr(m, "initialized", None)
+        if isinstance(flag, DataInit):
+            flag[...] = jnp.ones_like(flag[...])
+    flow.eval()
+    graphdef_eval = nnx.split(flow, nnx.Param, _FROZEN, ...)[0]
+    flow.train()
+    # masks, permutations and initialisation state enter the compiled loop as constants
+    graphdef, params, frozen, rest = nnx.split(flow, nnx.Param, _FROZEN, ...)
+    key_train, key_eval = jax.random.split(key)
+
+    def do_step(carry, total):
+        p, rest, t = carry["params"], carry["rest"], carry["step"]
+
+        def loss_fn(q):
+            k = jax.random.fold_in(key_train, t)
+            log_w, new_rest = _log_weights(
+                graphdef, q, frozen, rest, k, num_samples, log_density, stl
+            )
+            return -jnp.mean(log_w), new_rest
+
+        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        do_eval = (t % eval_every == 0) | (t == total - 1)
+        nan = jnp.float32(jnp.nan)
+
+        def evaluate():
+            log_w, _ = _log_weights(
+                graphdef_eval,
+                p,
+                frozen,
+                rest,
+                jax.random.fold_in(key_eval, t),
+                eval_samples,
+                log_density,
+                False,
+            )
+            return importance_diagnostics(log_w)[1:]
+
+        ess, log_z = jax.lax.cond(do_eval, evaluate, lambda: (nan, nan))
+        updates, new_opt = tx.update(grads, carry["opt_state"], p)
+        new_p = optax.apply_updates(p, updates)
+        new = dict(
+            params=_tree_where(finite, new_p, p),
+            rest=_tree_where(finite, new_rest, rest),
+            opt_state=_tree_where(finite, new_opt, carry["opt_state"]),
+            step=jnp.where(finite, t + 1, t),
+            status=jnp.where(finite, carry["status"], _NON_FINITE),
+        )
+        out = (
+            jnp.where(finite, -loss, nan),
+            jnp.where(finite & do_eval, ess, nan),
+            jnp.where(finite & do_eval, log_z, nan),
+        )
+        return new, out
+
+    def chunk(carry, total):
+        def body(c, _):
+            active = (c["status"] == _RUNNING) & (c["step"] < total)
+            nan = jnp.float32(jnp.nan)
+            return jax.lax.cond(
+                active, lambda c: do_step(c, total), lambda c: (c, (nan, nan, nan)), c
+            )
+
+        return jax.lax.scan(body, carry, None, length=chunk_size)
+
+    carry = dict(
+        params=params,
+        rest=rest,
+        opt_state=tx.init(params),
+        step=jnp.int32(0),
+        status=jnp.int32(_RUNNING),
+    )
+    total = jnp.int32(steps)
+    t0 = time.perf_counter()
+    compiled = jax.jit(chunk, donate_argnums=0).lower(carry, total).compile()
+    compile_seconds = time.perf_counter() - t0
+    carry = jax.tree.map(jnp.copy, carry)  # donation must not consume the flow's own arrays
+
+    elbos, esss, logzs = [], [], []
+    bar = _Progress(steps, progress)
+    stop_reason = "steps"
+    t0 = time.perf_counter()
+    done = 0
+    while True:
+        carry, (elbo_c, ess_c, logz_c) = compiled(carry, total)
+        step, status = int(carry["step"]), int(carry["status"])
+        elbos.append(np.asarray(elbo_c))
+        esss.append(np.asarray(ess_c))
+        logzs.append(np.asarray(logz_c))
+        elapsed = time.perf_counter() - t0
+        rate = step / elapsed if elapsed > 0 else float("nan")
+        last_elbo = _last_finite(elbos[-1])
+        bar.update(step, -last_elbo, None, rate)
+        if status != _RUNNING:
+            stop_reason = "non_finite"
+            break
+        if step >= steps or step == done:
+            break
+        done = step
+        metrics = {
+            "elbo": last_elbo,
+            "ess_fraction": _last_finite(esss[-1]),
+            "log_z": _last_finite(logzs[-1]),
+            "steps_per_second": rate,
+        }
+        if callback is not None and callback(step, metrics):
+            stop_reason = "callback"
+            break
+    jax.block_until_ready(carry)
+    train_seconds = time.perf_counter() - t0
+    bar.close()
+
+    steps_run = int(carry["step"])
+    elbo_all = np.concatenate(elbos)[:steps_run]
+    ess_all = np.concatenate(esss)[:steps_run]
+    logz_all = np.concatenate(logzs)[:steps_run]
+    evaluated = ~np.isnan(ess_all)
+    nnx.update(flow, carry["params"], carry["rest"])
+    flow.eval()
+    return VIHistory(
+        elbo=elbo_all,
+        eval_steps=np.nonzero(evaluated)[0],
+        ess_fraction=ess_all[evaluated],
+        log_z=logz_all[evaluated],
+        stop_reason=stop_reason,
+        steps_run=steps_run,
+        non_finite_step=steps_run if stop_reason == "non_finite" else None,
+        num_samples=num_samples,
+        eval_samples=eval_samples,
+        stick_the_landing=stl,
+        steps_per_second=steps_run / train_seconds if train_seconds > 0 else float("nan"),
+        compile_seconds=compile_seconds,
+        train_seconds=train_seconds,
+    )
+
+
+def vi_diagnostics(
+    flow: Flow, log_density: LogDensity, *, key: Array, num_samples: int = 65536
+) -> dict[str, float]:
+    """ELBO, ESS fraction and ``log Z`` estimate of ``flow`` as a proposal for ``p̃``, from
+    ``num_samples`` samples (drawn in batches of at most 65536), with the standard error of
+    the ELBO.
+
+    >>> import jax, nflax
+    >>> t = nflax.datasets.get_target("correlated_gaussian")
+    >>> flow = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> sorted(vi_diagnostics(flow, t.log_density, key=jax.random.key(0), num_samples=100))
+    ['elbo', 'elbo_std_error', 'ess_fraction', 'log_z', 'num_samples']
+    """
+    num_samples = _positive_int("num_samples", num_samples, "vi_diagnostics")
+    dim = flow.event_shape[0]
+    batch = min(num_samples, 65536)
+    check_log_density(log_density, dim, batch, "vi_diagnostics")
+    graphdef, state = nnx.split(flow)
+
+    @jax.jit
+    def log_weights(state, k):
+        x, log_q = nnx.merge(graphdef, state).sample_and_log_prob(k, batch)
+        return log_density(x) - log_q
+
+    parts, drawn, i = [], 0, 0
+    while drawn < num_samples:
+        parts.append(np.asarray(log_weights(state, jax.random.fold_in(key, i)), np.float64))
+        drawn, i = drawn + batch, i + 1
+    log_w = np.concatenate(parts)[:num_samples]
+    n = len(log_w)
+    with np.errstate(invalid="ignore", over="ignore"):
+        top = np.max(log_w)
+        lse = top + np.log(np.sum(np.exp(log_w - top)))
+        lse2 = 2 * top + np.log(np.sum(np.exp(2 * (log_w - top))))
+    return {
+        "elbo": float(np.mean(log_w)),
+        "elbo_std_error": float(np.std(log_w) / math.sqrt(n)),
+        "ess_fraction": float(np.exp(2 * lse - lse2) / n),
+        "log_z": float(lse - math.log(n)),
+        "num_samples": n,
+    }
