@@ -1,0 +1,157 @@
+"""Reading a user's data file (``.npy``, ``.npz``, ``.csv``) into a checked float32 array.
+
+Every problem is a :class:`DataFileError` (a ``ValueError``) whose message names the file and
+what is wrong with it: missing, a folder, empty, an unknown type, non-numeric cells, ragged
+rows, the wrong number of dimensions, NaN or inf.
+
+>>> import numpy as np, tempfile, os
+>>> path = os.path.join(tempfile.mkdtemp(), "x.csv")
+>>> _ = open(path, "w").write("a,b\\n1,2\\n3,4\\n")
+>>> load_array(path)
+array([[1., 2.],
+       [3., 4.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+SUFFIXES = (".npy", ".npz", ".csv")
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used, with a message naming the file and the problem."""
+
+
+def load_array(path: str | os.PathLike, *, dim: int | None = None) -> np.ndarray:
+    """Read ``path`` into an ``(n, d)`` float32 array, checking it thoroughly.
+
+    ``.npz`` files must hold one array (or one named ``x`` or ``data``). A ``.csv`` file may
+    start with one header row. A 1D array is read as ``n`` points of dimension 1. With
+    ``dim``, the number of columns must equal it.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataFileError(f"data file {p} does not exist")
+    if p.is_dir():
+        raise DataFileError(f"data file {p} is a folder, expected a file")
+    if p.suffix.lower() not in SUFFIXES:
+        raise DataFileError(
+            f"data file {p}: unsupported type {p.suffix or '(none)'!r}, expected one of "
+            f"{', '.join(SUFFIXES)}"
+        )
+    if p.stat().st_size == 0:
+        raise DataFileError(f"data file {p} is empty")
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        arr = _read_csv(p)
+    elif suffix == ".npy":
+        arr = _read_npy(p)
+    else:
+        arr = _read_npz(p)
+    return check_array(arr, str(p), dim=dim)
+
+
+def check_array(arr: np.ndarray, name: str, *, dim: int | None = None) -> np.ndarray:
+    """Shape, dtype and finiteness checks shared by every loader."""
+    if arr.dtype.kind not in "biuf":
+        raise DataFileError(f"data file {name}: holds {arr.dtype} values, expected numbers")
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise DataFileError(
+            f"data file {name}: expected a 2D array (points × dimensions), received shape "
+            f"{arr.shape}"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataFileError(f"data file {name}: contains no data points (shape {arr.shape})")
+    if dim is not None and arr.shape[1] != dim:
+        raise DataFileError(
+            f"data file {name}: expected {dim} column(s), received {arr.shape[1]}"
+        )
+    arr = arr.astype(np.float32)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        raise DataFileError(
+            f"data file {name}: {len(rows)} row(s) contain NaN or inf (first at row "
+            f"{int(rows[0])})"
+        )
+    return arr
+
+
+def _read_npy(p: Path) -> np.ndarray:
+    try:
+        return np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataFileError(f"data file {p} is not a readable .npy file ({e})") from None
+
+
+def _read_npz(p: Path) -> np.ndarray:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = list(z.keys())
+            if len(keys) == 1:
+                return z[keys[0]]
+            for k in ("x", "data"):
+                if k in keys:
+                    return z[k]
+            raise DataFileError(
+                f"data file {p} holds {len(keys)} arrays ({', '.join(keys) or 'none'}); "
+                f"expected one, or one named 'x' or 'data'"
+            )
+    except DataFileError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataFileError(f"data file {p} is not a readable .npz file ({e})") from None
+
+
+def _read_csv(p: Path) -> np.ndarray:
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise DataFileError(f"data file {p} is not a text (UTF-8) CSV file") from None
+    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    if not rows:
+        raise DataFileError(f"data file {p} is empty")
+    start = 1 if not _numeric_row(rows[0]) else 0
+    width = len(rows[start]) if start < len(rows) else len(rows[0])
+    out = np.empty((len(rows) - start, width), np.float64)
+    for i, row in enumerate(rows[start:]):
+        line = i + start + 1
+        if len(row) != width:
+            raise DataFileError(
+                f"data file {p} line {line}: {len(row)} column(s), expected {width}"
+            )
+        for j, cell in enumerate(row):
+            try:
+                out[i, j] = float(cell)
+            except ValueError:
+                raise DataFileError(
+                    f"data file {p} line {line} column {j + 1}: {cell.strip()!r} is not a number"
+                ) from None
+    return out
+
+
+def _numeric_row(row: list[str]) -> bool:
+    try:
+        [float(c) for c in row]
+    except ValueError:
+        return False
+    return True
+
+
+def standardize(x: np.ndarray, name: str = "data") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x − mean) / std`` per column, with the mean and std (a constant column is an error)."""
+    mean = x.mean(axis=0, dtype=np.float64)
+    std = x.std(axis=0, dtype=np.float64)
+    if np.any(std == 0):
+        cols = ", ".join(str(int(c) + 1) for c in np.nonzero(std == 0)[0])
+        raise DataFileError(f"{name}: column(s) {cols} are constant; cannot standardise")
+    return ((x - mean) / std).astype(np.float32), mean, std
