@@ -165,24 +165,30 @@ class TrainingCheckpoints:
         )
         self._manager.wait_until_finished()
 
-    def restore(self, like: list) -> tuple[list, dict]:
-        """The arrays (shaped like ``like``) and the record of the latest checkpoint."""
+    def record(self) -> dict:
+        """The JSON record of the latest checkpoint (history, fingerprint, array shapes)."""
         step = self.latest_step()
         if step is None:
             raise CheckpointError(f"no training checkpoint in {self.directory}")
         ocp = self._ocp
-        target = {f"{i:05d}": a for i, a in enumerate(like)}
         try:
-            record = self._manager.restore(
+            return self._manager.restore(
                 step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
             )["record"]
         except Exception as e:
             raise self._unreadable(step, e) from None
+
+    def restore(self, like: list) -> tuple[list, dict]:
+        """The arrays (shaped like ``like``) and the record of the latest checkpoint."""
+        record = self.record()
+        step = self.latest_step()
         if record.get("num_arrays") != len(like) or record.get("shapes") != _shapes(like):
             raise CheckpointError(
                 f"{self.directory}: checkpoint {step} was written by a different architecture "
                 f"or optimizer (its state does not match this flow's)"
             )
+        ocp = self._ocp
+        target = {f"{i:05d}": a for i, a in enumerate(like)}
         try:
             state = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))

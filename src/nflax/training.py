@@ -400,12 +400,12 @@ def fit(
                     f"fit: {ckpt.directory} already holds training checkpoints; pass "
                     f"resume=True to continue that run, or choose an empty checkpoint_dir"
                 )
-            saved, record = ckpt.restore(leaves)
-            if record.get("fingerprint") != fingerprint:
+            if ckpt.record().get("fingerprint") != fingerprint:
                 raise ValueError(
                     f"fit: the checkpoints in {ckpt.directory} come from a run with other data, "
                     f"key, val_fraction or batch size; cannot resume"
                 )
+            saved, record = ckpt.restore(leaves)
             carry = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved])
             losses.append(np.asarray(record["loss"], np.float32))
             vals.append(np.asarray(record["val"], np.float32))

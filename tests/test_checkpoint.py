@@ -1,0 +1,407 @@
+"""Checkpoints never lose work: save/load, exact resume, SIGKILL, and bad input everywhere."""
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import perturb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import nflax
+from nflax import checkpoint, flows
+from nflax.cli import main
+from nflax.datafiles import DataFileError, load_array
+
+
+def _small(name, dim=2, seed=0):
+    params = inspect.signature(flows.CONSTRUCTORS[name]).parameters
+    kw = {k: v for k, v in dict(num_layers=2, hidden=(8,)).items() if k in params}
+    return flows.build(name, dim=dim, rngs=nnx.Rngs(seed), **kw)
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under ``root`` with a hash of its bytes (to prove nothing was modified)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# -- save / load --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(flows.CONSTRUCTORS))
+def test_save_load_round_trip_is_bit_exact(name, tmp_path):
+    flow = _small(name)
+    perturb(flow, jax.random.key(1), scale=0.1)
+    x = jax.random.normal(jax.random.key(0), (16, 2))
+    if any(getattr(m, "needs_data_init", False) for _, m in nnx.iter_graph(flow)):
+        flow.log_prob(x)  # ActNorm: the initialised state must survive the round trip
+    nflax.save(tmp_path / "ck", flow)
+    loaded = nflax.load(tmp_path / "ck")
+    np.testing.assert_array_equal(np.asarray(loaded.log_prob(x)), np.asarray(flow.log_prob(x)))
+    assert loaded.spec == flow.spec
+
+
+def test_save_replaces_atomically_and_leaves_no_temporaries(tmp_path):
+    a, b = _small("realnvp", seed=0), _small("realnvp", seed=1)
+    perturb(b, jax.random.key(3))
+    nflax.save(tmp_path / "ck", a)
+    nflax.save(tmp_path / "ck", b)
+    x = jnp.ones((3, 2))
+    np.testing.assert_array_equal(nflax.load(tmp_path / "ck").log_prob(x), b.log_prob(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        nflax.load(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(checkpoint.CheckpointError, match="is a file"):
+        nflax.load(tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="not a complete nflax checkpoint"):
+        nflax.load(tmp_path / "empty")
+    # another architecture's spec over these weights
+    nflax.save(tmp_path / "ck", _small("realnvp"))
+    meta = json.loads((tmp_path / "ck" / "nflax.json").read_text())
+    meta["spec"]["kwargs"]["num_layers"] = 3
+    (tmp_path / "ck" / "nflax.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match="does not match|cannot read"):
+        nflax.load(tmp_path / "ck")
+    # truncated: the array data is gone
+    nflax.save(tmp_path / "ck2", _small("realnvp"))
+    for p in (tmp_path / "ck2" / "state").rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            p.write_bytes(p.read_bytes()[:10])
+    with pytest.raises(checkpoint.CheckpointError):
+        nflax.load(tmp_path / "ck2")
+    (tmp_path / "ck3").mkdir()
+    (tmp_path / "ck3" / "state").mkdir()
+    (tmp_path / "ck3" / "nflax.json").write_text("{not json")
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        nflax.load(tmp_path / "ck3")
+
+
+# -- exact resume -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data():
+    return np.asarray(nflax.datasets.get("banana").sample(jax.random.key(0), 256))
+
+
+def _fit(data, steps, ckdir, resume=False, seed=0, **kw):
+    flow = nflax.flows.realnvp(2, num_layers=3, hidden=(16,), actnorm=True, rngs=nnx.Rngs(seed))
+    hist = nflax.fit(
+        flow,
+        data,
+        key=jax.random.key(1),
+        steps=steps,
+        batch_size=50,
+        patience=10_000,
+        checkpoint_dir=ckdir,
+        checkpoint_every=30,
+        resume=resume,
+        progress=False,
+        **kw,
+    )
+    return flow, hist
+
+
+def test_resume_is_exact(data, tmp_path):
+    full, h_full = _fit(data, 180, tmp_path / "a")
+    _fit(data, 90, tmp_path / "b")
+    resumed, h_res = _fit(data, 180, tmp_path / "b", resume=True, seed=99)  # other init: ignored
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(full)), jax.tree.leaves(nnx.state(resumed)), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(h_full.loss, h_res.loss)
+    # the stopped run also evaluated its own last step (89); otherwise the same evaluations
+    extra = set(h_res.val_steps.tolist()) - set(h_full.val_steps.tolist())
+    assert extra <= {89}
+    keep = np.isin(h_res.val_steps, h_full.val_steps)
+    np.testing.assert_array_equal(h_full.val_loss, h_res.val_loss[keep])
+    assert h_full.best_step == h_res.best_step
+    # only the last three checkpoints are kept
+    assert sorted(int(p.name) for p in (tmp_path / "b").iterdir() if p.name.isdigit()) == [
+        120,
+        150,
+        180,
+    ]
+
+
+def test_resume_refuses_other_data_or_settings(data, tmp_path):
+    _fit(data, 30, tmp_path / "c")
+    before = snapshot(tmp_path / "c")
+    with pytest.raises(ValueError, match="already holds training checkpoints"):
+        _fit(data, 60, tmp_path / "c")
+    with pytest.raises(ValueError, match="other data"):
+        _fit(data[:200], 60, tmp_path / "c", resume=True)
+    with pytest.raises(ValueError, match="different architecture"):
+        flow = nflax.flows.realnvp(2, num_layers=4, hidden=(16,), rngs=nnx.Rngs(0))
+        nflax.fit(
+            flow,
+            data,
+            key=jax.random.key(1),
+            steps=60,
+            batch_size=50,
+            patience=10_000,
+            checkpoint_dir=tmp_path / "c",
+            checkpoint_every=30,
+            resume=True,
+            progress=False,
+        )
+    assert snapshot(tmp_path / "c") == before
+
+
+# -- a process killed with SIGKILL ----------------------------------------------------------------
+def _cli(*args):
+    return [sys.executable, "-m", "nflax.cli", *args]
+
+
+def test_sigkill_then_resume_completes_the_history(tmp_path):
+    run = tmp_path / "run"
+    flags = [
+        "--layers",
+        "2",
+        "--hidden",
+        "16",
+        "--steps",
+        "1500",
+        "--no-early-stopping",
+        "--checkpoint-every",
+        "100",
+        "--no-plots",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        _cli("train", "--out", str(run), *flags), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    ckdir = run / "checkpoints"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            steps = (
+                [int(p.name) for p in ckdir.glob("*") if p.name.isdigit()] if ckdir.exists() else []
+            )
+            if steps and max(steps) >= 300 or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run / "metrics.json").exists()  # it really died mid-run
+    latest = max(int(p.name) for p in ckdir.glob("*") if p.name.isdigit())
+    assert 300 <= latest < 1500
+    r = subprocess.run(
+        _cli("train", "--resume", str(run), "--quiet", "--no-plots"),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps_run"] == 1500
+    rows = (run / "history.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 1500
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1500))
+    assert all(np.isfinite(float(r.split(",")[1])) for r in rows)
+
+
+# -- bad input, table driven ---------------------------------------------------------------------
+def _write(path: Path, content) -> Path:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    elif isinstance(content, dict):
+        np.savez(path, **content)
+    else:
+        np.save(path, content)
+    return path
+
+
+BAD_FILES = [
+    ("missing.csv", None, "does not exist"),
+    ("folder.csv", "DIR", "is a folder"),
+    ("empty.csv", "", "is empty"),
+    ("blank.csv", "\n\n  \n", "is empty"),
+    ("text.csv", "1,2\n3,abc\n", "line 2 column 2: 'abc' is not a number"),
+    ("ragged.csv", "1,2\n3\n", "line 2: 1 column"),
+    ("nan.csv", "1,2\nnan,4\n", "NaN or inf"),
+    ("inf.npy", np.array([[1.0, np.inf]]), "NaN or inf"),
+    ("cube.npy", np.zeros((2, 2, 2)), "expected a 2D array"),
+    ("none.npy", np.zeros((0, 2)), "no data points"),
+    ("strings.npy", np.array([["a", "b"]]), "expected numbers"),
+    ("garbage.npy", b"\x00\x01 not numpy", "not a readable .npy"),
+    ("garbage.npz", b"PK\x03\x04 broken", "not a readable .npz"),
+    ("two.npz", {"a": np.zeros((3, 2)), "b": np.zeros((3, 2))}, "holds 2 arrays"),
+    ("data.txt", "1,2\n", "unsupported type '.txt'"),
+    ("binary.csv", b"\xff\xfe\x00\x81", "not a text"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_data_files(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, str) and content == "DIR":
+        path.mkdir()
+    elif content is not None:
+        _write(path, content)
+    with pytest.raises(DataFileError, match=message):
+        load_array(path)
+    # the CLI: exit 2, one line naming the file, no run folder written
+    before = snapshot(tmp_path)
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    assert snapshot(tmp_path) == before
+
+
+def test_good_files_all_formats(tmp_path):
+    x = np.random.default_rng(0).normal(size=(50, 2))
+    _write(tmp_path / "a.npy", x)
+    _write(tmp_path / "b.npz", {"x": x, "other": np.zeros(3)})
+    np.savetxt(tmp_path / "c.csv", x, delimiter=",", header="u,v", comments="")
+    for f in ["a.npy", "b.npz", "c.csv"]:
+        np.testing.assert_allclose(load_array(tmp_path / f), x, rtol=1e-6, atol=1e-6)
+    assert load_array(_write(tmp_path / "d.npy", np.arange(5.0))).shape == (5, 1)
+    with pytest.raises(DataFileError, match="expected 3 column"):
+        load_array(tmp_path / "a.npy", dim=3)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    args = [
+        "train",
+        "--out",
+        str(run),
+        "--steps",
+        "60",
+        "--layers",
+        "2",
+        "--hidden",
+        "8",
+        "--checkpoint-every",
+        "30",
+        "--quiet",
+        "--no-plots",
+    ]
+    assert main(args) == 0
+    return run
+
+
+def test_bad_resume_leaves_the_run_untouched(finished_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    ck = run / "checkpoints" / "60"
+    for p in ck.rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            p.write_bytes(b"")  # truncated array data
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unreadable" in err
+    assert snapshot(run) == before
+    for bad, msg in [(tmp_path / "nope", "not a run folder"), (finished_run / "flow", "not a run")]:
+        assert main(["train", "--resume", str(bad)]) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_changes_nothing_that_matters(finished_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    before = json.loads((run / "metrics.json").read_text())
+    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 0
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["steps_run"] == before["steps_run"] == 60
+    assert after["test_nll"] == before["test_nll"]
+
+
+def test_data_file_run_samples_in_original_units(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2)) * [2.0, 50.0] + [10.0, -300.0]
+    np.savetxt(tmp_path / "mine.csv", x, delimiter=",")
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "mine.csv"),
+                "--out",
+                str(run),
+                "--steps",
+                "200",
+                "--layers",
+                "2",
+                "--hidden",
+                "16",
+                "--quiet",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
+    cfg = json.loads((run / "config.json").read_text())
+    np.testing.assert_allclose(cfg["standardize"]["mean"], x.mean(0), rtol=1e-6)
+    m = json.loads((run / "metrics.json").read_text())
+    # NLL in data units: close to the Gaussian's entropy, log(2πe·2·50)
+    assert abs(m["test_nll"] - np.log(2 * np.pi * np.e * 100.0)) < 0.3
+    assert main(["sample", str(run), "-n", "4000", "-o", str(tmp_path / "s.npy")]) == 0
+    s = np.load(tmp_path / "s.npy")
+    assert np.all(np.abs(s.mean(0) - [10.0, -300.0]) < [0.3, 8.0]), s.mean(0)
+    np.testing.assert_allclose(s.std(0), [2.0, 50.0], rtol=0.15)
+
+
+# -- fuzzing the loaders ---------------------------------------------------------------------------
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(content=st.binary(max_size=300), suffix=st.sampled_from([".csv", ".npy", ".npz"]))
+def test_fuzz_loaders_bytes(tmp_path, content, suffix):
+    path = tmp_path / f"f{suffix}"
+    path.write_bytes(content)
+    try:
+        arr = load_array(path)
+    except DataFileError:
+        return
+    assert arr.ndim == 2 and arr.dtype == np.float32 and np.all(np.isfinite(arr))
+
+
+cells = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-(10**6), 10**6).map(str),
+    st.text(alphabet='0123456789.-+eE abcnaif,"', max_size=6),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(rows=st.lists(st.lists(cells, min_size=1, max_size=4), max_size=6))
+def test_fuzz_csv_text(tmp_path, rows):
+    path = tmp_path / "f.csv"
+    path.write_text("\n".join(",".join(r) for r in rows))
+    try:
+        arr = load_array(path)
+    except DataFileError:
+        return
+    assert arr.ndim == 2 and arr.dtype == np.float32 and np.all(np.isfinite(arr))
