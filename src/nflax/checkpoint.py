@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 
 from nflax import flows
@@ -53,14 +54,28 @@ def save(path: str | os.PathLike, flow: Flow) -> Path:
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"save: {path} exists and is not a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # With several processes (jax.distributed) every process calls save: orbax writes the
+    # arrays together, process 0 writes the description and renames the folder into place.
+    multi = jax.process_count() > 1
+    primary = jax.process_index() == 0
+    tmp = path.parent / (
+        f".{path.name}.tmp-multi" if multi else f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    )
     try:
-        tmp.mkdir()
+        if primary:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _sync("nflax-save-start")
         state = nnx.to_pure_dict(nnx.state(flow))
+        if multi:  # replicated values: host copies, which orbax writes once
+            state = jax.tree.map(np.asarray, state)
         ck = _checkpointer()
         ck.save(tmp / "state", state)
         ck.wait_until_finished()
+        if not primary:
+            _sync("nflax-save-done")
+            return path
         meta = {"format": FORMAT, "version": VERSION, "spec": json.loads(flow.spec)}
         with open(tmp / _META, "w") as f:
             json.dump(meta, f, indent=2)
@@ -74,9 +89,18 @@ def save(path: str | os.PathLike, flow: Flow) -> Path:
         else:
             os.rename(tmp, path)
     finally:
-        if tmp.exists():
+        if primary and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if multi:
+        _sync("nflax-save-done")
     return path
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def read_spec(path: str | os.PathLike) -> dict:

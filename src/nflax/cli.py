@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--resume", default=None, metavar="RUN", help="continue a stopped run")
     t.add_argument(
+        "--devices",
+        choices=["all"],
+        default=None,
+        help="data-parallel training over every device (of every process)",
+    )
+    t.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-process training: address of process 0 (jax.distributed)",
+    )
+    t.add_argument("--num-processes", type=_positive_int, default=None, help="with --coordinator")
+    t.add_argument("--process-id", type=int, default=None, help="with --coordinator: 0 … N−1")
+    t.add_argument(
         "--checkpoint-every",
         type=_positive_int,
         default=500,
@@ -232,6 +246,16 @@ def _lr_schedule(lr: float, schedule: str, steps: int):
 
 
 def _train(args) -> int:
+    if args.coordinator is not None:
+        if args.num_processes is None or args.process_id is None:
+            raise UsageError("--coordinator needs --num-processes and --process-id")
+        from nflax import parallel
+
+        try:
+            parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        args.devices = "all"
     if args.resume is not None:
         run = Path(args.resume)
         if not run.is_dir() or not (run / "config.json").is_file():
@@ -260,6 +284,7 @@ def _train(args) -> int:
         "val_fraction": 0.0 if args.no_early_stopping else args.val_fraction,
         "checkpoint_every": args.checkpoint_every,
         "seed": args.seed,
+        "devices": args.devices,
     }
     if config["early_stopping"] and args.val_fraction == 0:
         raise UsageError(
@@ -335,19 +360,30 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
         x = np.asarray(ds.sample(key_data, config["num_points"]))
         x_test = np.asarray(ds.sample(key_test, 16384))
 
+    from nflax import parallel
+
+    primary = parallel.is_primary()
+    x_fit = x
+    if jax.process_count() > 1:  # each process passes its own block of rows; fit gathers them
+        nproc, pid = jax.process_count(), jax.process_index()
+        if len(x) % nproc:
+            raise UsageError(f"{len(x)} training points do not split evenly over {nproc} processes")
+        block = len(x) // nproc
+        x_fit = x[pid * block : (pid + 1) * block]
     try:
         flow = flows.build(config["flow"], **config["flow_kwargs"], rngs=nnx.Rngs(config["seed"]))
     except (TypeError, ValueError) as e:
         raise UsageError(f"cannot build flow {config['flow']!r}: {e}") from None
     steps = config["steps"]
     lr = _lr_schedule(config["lr"], config["schedule"], steps)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        _write_json(out / "config.json", config)
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            _write_json(out / "config.json", config)
     try:
         history = fit(
             flow,
-            x,
+            x_fit,
             key=key_fit,
             steps=steps,
             optimizer=optax.adamw(lr, weight_decay=config["weight_decay"]),
@@ -358,6 +394,7 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
             checkpoint_dir=out / "checkpoints",
             checkpoint_every=config["checkpoint_every"],
             resume=resume,
+            devices=config.get("devices"),
         )
     except (ValueError, checkpoint.CheckpointError) as e:
         raise UsageError(str(e)) from None
@@ -388,7 +425,9 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
     if config.get("standardize"):
         metrics["units"] = "NLL in the data file's own units (standardisation undone)"
 
-    checkpoint.save(out / "flow", flow)
+    checkpoint.save(out / "flow", flow)  # every process takes part; process 0 writes
+    if not primary:  # only process 0 writes files
+        return 0
     history.to_csv(str(out / "history.csv"))
     if config.get("standardize"):
         _write_json(out / "config.json", config)

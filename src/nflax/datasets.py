@@ -76,9 +76,10 @@ def _moons_sample(key, n, noise=0.1):
 
 # -- eight Gaussians on a circle -----------------------------------------------------------------
 _EG_RADIUS, _EG_STD = 2.0, 0.25
-_EG_CENTERS = _EG_RADIUS * jnp.stack(
-    [jnp.cos(jnp.arange(8) * jnp.pi / 4), jnp.sin(jnp.arange(8) * jnp.pi / 4)], axis=-1
-)
+# numpy, not jnp: importing nflax must not start a JAX backend (jax.distributed needs that)
+_EG_CENTERS = _EG_RADIUS * np.stack(
+    [np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], axis=-1
+).astype(np.float32)
 
 
 def _eight_sample(key, n):

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import jax
@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
+from nflax import parallel
 from nflax.bijections.base import Buffer
 from nflax.bijections.normalization import DataInit
 from nflax.distributions import Flow
@@ -111,7 +113,7 @@ _FROZEN = nnx.Any(Buffer, DataInit)
 
 def _nll(graphdef, params, rest, x, w=None, frozen=None):
     """Mean NLL of ``x`` (weights ``w``) and the model's mutable state after the call."""
-    model = nnx.merge(graphdef, params, frozen, rest)
+    model = nnx.merge(graphdef, params, frozen, rest, copy=True)  # fresh Variables per trace
     lp = model.log_prob(x)
     new_rest = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, _FROZEN)))
     if w is None:
@@ -187,6 +189,8 @@ def fit(
     checkpoint_every: int | None = None,
     keep_checkpoints: int = 3,
     resume: bool = False,
+    mesh: Mesh | None = None,
+    devices: str | Sequence | None = None,
 ) -> History:
     """Fit ``flow`` to data ``x`` by maximum likelihood (minimise the mean NLL), in place.
 
@@ -215,6 +219,12 @@ def fit(
         keeping the last ``keep_checkpoints``. Each checkpoint is written atomically.
       checkpoint_every: steps between checkpoints (default ``chunk_size``); it becomes the
         chunk size, so a killed run loses at most this many steps.
+      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis: each batch is sharded over it,
+        parameters and optimizer state are replicated, and the compiler averages the
+        gradients. The batch size must divide by the number of devices on that axis (a full
+        batch is padded and masked). With several processes (:func:`nflax.parallel.initialize`)
+        each passes its own rows as ``x``; they are gathered, in process order.
+      devices: ``"all"`` (or a list of devices) builds that mesh for you.
       resume: continue from the latest checkpoint in ``checkpoint_dir`` (the same data, key
         and settings are required, and checked); without one, start from scratch. A run of
         ``2N`` steps and a run of ``N`` steps resumed to ``2N`` give the same parameters.
@@ -239,6 +249,9 @@ def fit(
     if not isinstance(flow, Flow):
         raise ValueError(f"fit: expected an nflax Flow, received {type(flow).__name__}")
     data = check_data(x, flow.event_shape)
+    mesh = parallel.resolve_mesh(mesh, devices)
+    if mesh is not None:
+        data = parallel.gather_process_data(data)
     steps = _positive_int("steps", steps)
     chunk_size = _positive_int("chunk_size", chunk_size)
     if patience is not None:
@@ -265,6 +278,12 @@ def fit(
         batch_size = _positive_int("batch_size", batch_size)
     full_batch = batch_size is None or batch_size >= n_train
     bsz = n_train if full_batch else batch_size
+    ndev = parallel.data_size(mesh) if mesh is not None else 1
+    if not full_batch and bsz % ndev:
+        raise ValueError(
+            f"fit: batch_size {bsz} must be divisible by the {ndev} devices of the mesh's "
+            f"'data' axis"
+        )
     num_batches = -(-n_train // bsz)
     if eval_every is None:
         eval_every = num_batches
@@ -278,6 +297,11 @@ def fit(
     data_j = jnp.asarray(data)
     x_val = data_j[order[:n_val]] if has_val else None
     x_train = data_j[order[n_val:]] if has_val else data_j
+    w_full = None  # a sharded full batch is padded to a multiple of the device count
+    if full_batch and n_train % ndev:
+        pad = ndev - n_train % ndev
+        x_train = jnp.concatenate([x_train, jnp.zeros((pad, *x_train.shape[1:]), x_train.dtype)])
+        w_full = (jnp.arange(n_train + pad) < n_train).astype(x_train.dtype)
 
     # ---- the pure training program ----------------------------------------------------
     tx = optimizer if optimizer is not None else optax.adamw(1e-3)
@@ -297,7 +321,7 @@ def fit(
 
     def batch_at(carry):
         if full_batch:
-            return x_train, None, carry["perm"]
+            return x_train, w_full, carry["perm"]
         b = carry["step"] % num_batches
         perm = jax.lax.cond(
             b == 0,
@@ -311,6 +335,10 @@ def fit(
         p, rest = carry["params"], carry["rest"]
         t = carry["step"]
         xb, w, perm = batch_at(carry)
+        if mesh is not None:  # shard the batch: each device takes its slice of the rows
+            xb = jax.lax.with_sharding_constraint(xb, parallel.batch_sharded(mesh))
+            if w is not None:
+                w = jax.lax.with_sharding_constraint(w, parallel.batch_sharded(mesh))
         (loss, new_rest), grads = jax.value_and_grad(
             lambda q: _nll(graphdef, q, rest, xb, w, frozen), has_aux=True
         )(p)
@@ -375,6 +403,8 @@ def fit(
     total = jnp.int32(steps)
     args = (x_train, x_val, total)
     t0 = time.perf_counter()
+    if mesh is not None:  # everything replicated; batches are sharded inside the step
+        carry, args = jax.device_put((carry, args), parallel.replicated(mesh))
     compiled = jax.jit(chunk, donate_argnums=0).lower(carry, *args).compile()
     compile_seconds = time.perf_counter() - t0
     carry = jax.tree.map(jnp.copy, carry)  # donation must not consume the flow's own arrays
@@ -420,7 +450,7 @@ def fit(
             "val": np.concatenate(vals)[:step].tolist() if vals else [],
             "fingerprint": fingerprint,
         }
-        ckpt.save(step, [np.asarray(a) for a in jax.tree.leaves(carry)], record)
+        ckpt.save(step, jax.tree.leaves(carry), record)
 
     # ---- the driver: Python wakes between chunks --------------------------------------
     bar = _Progress(steps, progress)

@@ -251,9 +251,18 @@ class Stack(Bijection):
             return y, (ld, traj, nnx.state(layer, mutable))
 
         y, (ld, traj, new_state) = jax.lax.scan(body, h, state, reverse=inverse, unroll=self.unroll)
-        if jax.tree.leaves(new_state):  # running statistics, data-dependent init flags
-            nnx.update(self.layer, new_state)
+        if jax.tree.leaves(new_state) and self._may_change_state():
+            nnx.update(self.layer, new_state)  # running statistics, data-dependent init
         return y, (ld, traj)
+
+    def _may_change_state(self) -> bool:
+        """Only layers in training mode or awaiting data-dependent init write state back (so a
+        Stack in evaluation mode can be called under jax.jit/jacobian from outside)."""
+        return any(
+            getattr(m, "use_running_average", True) is False
+            or getattr(m, "needs_data_init", False)
+            for _, m in nnx.iter_graph(self.layer)
+        )
 
     def _forward(self, x, context):
         y, (ld, _) = self._scan(x, context, inverse=False)

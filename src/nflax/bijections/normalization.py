@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import errors, nnx
 
 from nflax.bijections.base import Bijection
@@ -100,7 +101,7 @@ class ActNorm(Bijection):
     def needs_data_init(self) -> bool:
         """True while the data-dependent initialisation has not run (read eagerly)."""
         flag = self.initialized[...]
-        return _is_concrete(flag) and not bool(jnp.all(flag))
+        return _is_concrete(flag) and not bool(np.all(np.asarray(flag)))
 
     def _positions(self) -> int:
         return math.prod(self.event_shape[:-1])
