@@ -18,10 +18,13 @@ from nflax.bijections import (
     Stack,
     alternating_mask,
 )
+from nflax.bijections.autoregressive import MaskedAutoregressive
+from nflax.bijections.coupling import AdditiveCoupling, SplineCoupling, half_mask
 from nflax.bijections.elementwise import Affine, Logit, Sigmoid, Tanh
 from nflax.bijections.linear import LULinear, Permute, Reverse
 from nflax.bijections.normalization import ActNorm, BatchNorm
 from nflax.bijections.planar import Planar, Radial
+from nflax.bijections.splines import num_spline_params
 from nflax.nets import MLP
 
 
@@ -42,6 +45,34 @@ def _squash(dim, layers):
     """Parameter-free layers after a scale-down Affine (x/4: inside tanh/sigmoid's accurate range;
     the Affine also gives the shared gradient test a parameter)."""
     return Chain([Affine(dim, log_scale=math.log(4.0)), *layers])
+
+
+# Spline layers: float32 round-trip error is about ulp(z) / g'(x), and the tests' parameter
+# noise on a wide conditioner gives slopes g' ~ 1e-2 (errors ~ 1e-5 after a few layers), so the
+# spline entries use small conditioners (the spline-specific tests are in test_splines.py).
+def _additive(dim, rngs, context_dim=None):
+    net = MLP(dim + (context_dim or 0), dim, hidden=(16,), rngs=rngs)
+    return AdditiveCoupling(alternating_mask(dim, 1), net, context_dim=context_dim)
+
+
+def _spline_coupling(dim, rngs, context_dim=None):
+    # half_mask: for dim 1 the mask is [0], so the one coordinate is transformed
+    net = MLP(dim + (context_dim or 0), dim * num_spline_params(8), hidden=(8,), rngs=rngs)
+    return SplineCoupling(half_mask(dim), net, bins=8, context_dim=context_dim)
+
+
+def _maf(dim, rngs, context_dim=None):
+    # the spline transformer is covered by the nsf_autoregressive entries
+    return MaskedAutoregressive(dim, hidden=(16,), context_dim=context_dim, rngs=rngs)
+
+
+def _flow(name, dim, rngs, context_dim=None, hidden=(16,), **kw):
+    flow = nflax.flows.build(name, dim=dim, hidden=hidden, context_dim=context_dim, rngs=rngs, **kw)
+    return flow.bijection
+
+
+def _nsf(dim, rngs, context_dim=None, variant="coupling"):
+    return _flow("nsf", dim, rngs, context_dim, (4,), variant=variant, num_layers=2, bins=4)
 
 
 REGISTRY = {
@@ -69,6 +100,14 @@ REGISTRY = {
     "planar": lambda d, r: Planar(d, rngs=r),
     "radial": lambda d, r: Radial(d, rngs=r),
     "planar_flow": lambda d, r: nflax.flows.planar(d, num_layers=3, rngs=r).bijection,
+    "additive_coupling": lambda d, r: _additive(d, r),
+    "spline_coupling": lambda d, r: _spline_coupling(d, r),
+    "maf_affine_layer": lambda d, r: _maf(d, r),
+    "nice": lambda d, r: _flow("nice", d, r, num_layers=2),
+    "maf": lambda d, r: _flow("maf", d, r, num_layers=2),
+    "iaf": lambda d, r: _flow("iaf", d, r, num_layers=2),
+    "nsf_coupling": lambda d, r: _nsf(d, r),
+    "nsf_autoregressive": lambda d, r: _nsf(d, r, variant="autoregressive"),
 }
 # Conditional variants: factory (dim, rngs, context_dim) -> Bijection.
 CONDITIONAL = {
@@ -76,4 +115,9 @@ CONDITIONAL = {
     "realnvp": lambda d, r, c: (
         nflax.flows.realnvp(d, num_layers=3, hidden=(16,), context_dim=c, rngs=r).bijection
     ),
+    "additive_coupling": lambda d, r, c: _additive(d, r, context_dim=c),
+    "spline_coupling": lambda d, r, c: _spline_coupling(d, r, context_dim=c),
+    "maf_affine_layer": lambda d, r, c: _maf(d, r, c),
+    "iaf": lambda d, r, c: _flow("iaf", d, r, c, num_layers=2),
+    "nsf_autoregressive": lambda d, r, c: _nsf(d, r, c, "autoregressive"),
 }

@@ -75,7 +75,8 @@ class MaskedLinear(nnx.Module):
         if zero_init:
             kernel = jnp.zeros(mask.shape, jnp.float32)
         else:
-            kernel = jax.random.normal(rngs.params(), mask.shape) / np.sqrt(fan_in)
+            scale = jnp.asarray(1.0 / np.sqrt(fan_in), jnp.float32)
+            kernel = jax.random.normal(rngs.params(), mask.shape, jnp.float32) * scale
         self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((mask.shape[1],), jnp.float32))
         self.mask = Buffer(jnp.asarray(mask))

@@ -29,6 +29,7 @@ point and never yields NaN gradients.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -62,20 +63,28 @@ _DERIVATIVE_SHIFT = math.log(math.expm1(1.0 - MIN_DERIVATIVE))
 
 
 def _knots(unnormalised: Array, bound: float, min_size: float) -> tuple[Array, Array]:
-    """Knot positions ``(..., K + 1)`` from ``-B`` to ``B`` and bin sizes ``(..., K)``."""
+    """Knot positions ``(..., K + 1)`` from ``-B`` to ``B`` and bin sizes ``(..., K)``.
+
+    Sizes are ``2B · (m + (1 − K·m) · softmax(u))`` with ``m`` the minimum size; they are
+    computed from the softmax directly, not as differences of knots, so that narrow bins keep
+    their relative precision.
+    """
     k = unnormalised.shape[-1]
     if min_size * k >= 1.0:
         raise ValueError(
             f"rational-quadratic spline: {k} bins do not fit a minimum bin size of {min_size} "
             f"(need bins · min size < 1)"
         )
-    frac = min_size + (1.0 - min_size * k) * jax.nn.softmax(unnormalised, axis=-1)
-    cum = jnp.cumsum(frac, axis=-1)
-    zero = jnp.zeros_like(cum[..., :1])
-    knots = 2.0 * bound * jnp.concatenate([zero, cum], axis=-1) - bound
+    e = jnp.exp(unnormalised - jax.lax.stop_gradient(unnormalised.max(axis=-1, keepdims=True)))
+    cum = jnp.cumsum(e, axis=-1)
+    total = cum[..., -1:]
+    free = 1.0 - min_size * k
+    steps = min_size * jnp.arange(1, k + 1, dtype=cum.dtype)
+    pos = jnp.concatenate([jnp.zeros_like(total), steps + free * (cum / total)], axis=-1)
     # Pin the ends exactly at ±B so that every clamped input lands in a bin.
-    knots = knots.at[..., 0].set(-bound).at[..., -1].set(bound)
-    return knots, knots[..., 1:] - knots[..., :-1]
+    knots = (bound * (2.0 * pos - 1.0)).at[..., 0].set(-bound).at[..., -1].set(bound)
+    sizes = 2.0 * bound * (min_size + free * (e / total))
+    return knots, sizes
 
 
 def _derivatives(unnormalised: Array) -> Array:
@@ -122,26 +131,77 @@ def _log_slope(xi: Array, s: Array, d0: Array, d1: Array) -> Array:
     return 2.0 * jnp.log(s) + jnp.log(num) - 2.0 * jnp.log(den)
 
 
-def _setup(v, widths, heights, derivatives, bound):
+def _validated(name, v, widths, heights, derivatives, bound) -> tuple[Array, ...]:
+    """Check shapes and bound, broadcast everything to a common batch shape."""
     _check(widths, heights, derivatives)
     if not float(bound) > 0:
-        raise ValueError(f"rational-quadratic spline: bound must be > 0, received {bound}")
+        raise ValueError(f"{name}: bound must be > 0, received {bound}")
+    v, widths, heights, derivatives = map(jnp.asarray, (v, widths, heights, derivatives))
     batch = jnp.broadcast_shapes(
-        jnp.shape(v), widths.shape[:-1], heights.shape[:-1], derivatives.shape[:-1]
+        v.shape, widths.shape[:-1], heights.shape[:-1], derivatives.shape[:-1]
     )
-    v = jnp.broadcast_to(v, batch)
-    widths = jnp.broadcast_to(widths, (*batch, widths.shape[-1]))
-    heights = jnp.broadcast_to(heights, (*batch, heights.shape[-1]))
-    derivatives = jnp.broadcast_to(derivatives, (*batch, derivatives.shape[-1]))
+    return (
+        jnp.broadcast_to(v, batch),
+        jnp.broadcast_to(widths, (*batch, widths.shape[-1])),
+        jnp.broadcast_to(heights, (*batch, heights.shape[-1])),
+        jnp.broadcast_to(derivatives, (*batch, derivatives.shape[-1])),
+    )
+
+
+def _knots_and_derivatives(widths, heights, derivatives, bound):
     kx, w = _knots(widths, bound, MIN_BIN_WIDTH)
     ky, h = _knots(heights, bound, MIN_BIN_HEIGHT)
-    return v, kx, w, ky, h, _derivatives(derivatives)
+    return kx, w, ky, h, _derivatives(derivatives)
+
+
+# The math runs as one compiled program even when called eagerly (inside a caller's jit it is
+# simply inlined): an eager spline would otherwise dispatch, and compile, ~100 small ops.
+@partial(jax.jit, static_argnames="bound")
+def _forward(x, widths, heights, derivatives, bound):
+    kx, w, ky, h, d = _knots_and_derivatives(widths, heights, derivatives, bound)
+    inside = (x >= -bound) & (x <= bound)
+    xc = jnp.clip(x, -bound, bound)  # clamp first: the tail branch never sees NaN gradients
+    x0, y0, wk, hk, d0, d1 = _bin(xc, kx, w, h, d, ky)
+    s = hk / wk
+    xi = jnp.clip((xc - x0) / wk, 0.0, 1.0)
+    t = xi * (1.0 - xi)
+    y = y0 + hk * (s * xi**2 + d0 * t) / (s + (d1 + d0 - 2.0 * s) * t)
+    log_det = _log_slope(xi, s, d0, d1)
+    return jnp.where(inside, y, x), jnp.where(inside, log_det, 0.0)
+
+
+@partial(jax.jit, static_argnames="bound")
+def _inverse(y, widths, heights, derivatives, bound):
+    kx, w, ky, h, d = _knots_and_derivatives(widths, heights, derivatives, bound)
+    inside = (y >= -bound) & (y <= bound)
+    yc = jnp.clip(y, -bound, bound)
+    y0, x0, hk, wk, d0, d1 = _bin(yc, ky, h, w, d, kx)
+    s = hk / wk
+    dy = yc - y0
+    delta = d1 + d0 - 2.0 * s
+    a = hk * (s - d0) + dy * delta
+    b = hk * d0 - dy * delta
+    c = -s * dy
+    disc = jnp.maximum(b**2 - 4.0 * a * c, 1e-12 * hk**2)
+    sqrt_disc = jnp.sqrt(disc)
+    # The root in [0, 1], in the form without cancellation: since a + b = h·s > 0 and c ≤ 0,
+    # either b ≥ 0 and the root is 2c / (−b − √disc) (denominator ≤ −√disc < 0), or b < 0, then
+    # a > 0 and the root is (−b + √disc) / 2a. The unused branch gets a safe denominator so that
+    # it never produces NaN gradients.
+    pos = b >= 0
+    den_pos = jnp.where(pos, -b - sqrt_disc, -1.0)
+    den_neg = jnp.where(pos, 1.0, 2.0 * a)
+    xi = jnp.where(pos, 2.0 * c / den_pos, (sqrt_disc - b) / den_neg)
+    xi = jnp.clip(xi, 0.0, 1.0)
+    x = x0 + xi * wk
+    log_det = -_log_slope(xi, s, d0, d1)
+    return jnp.where(inside, x, y), jnp.where(inside, log_det, 0.0)
 
 
 def rq_spline_forward(
     x: Array, widths: Array, heights: Array, derivatives: Array, *, bound: float = 3.0
 ) -> tuple[Array, Array]:
-    """Apply the spline elementwise: ``(y, log dy/dx)``, both of ``x``'s shape.
+    """Apply the spline elementwise: ``(y, log dy/dx)``, both of the broadcast shape.
 
     ``widths``/``heights`` ``(..., K)`` and ``derivatives`` ``(..., K − 1)`` are unnormalised
     (any real numbers); their leading axes broadcast against ``x``'s shape. Outside
@@ -153,16 +213,8 @@ def rq_spline_forward(
     >>> y.round(5).tolist(), ld.round(5).tolist()  # zero parameters: the identity
     ([-5.0, 0.5], [0.0, -0.0])
     """
-    x, kx, w, ky, h, d = _setup(x, widths, heights, derivatives, bound)
-    inside = (x >= -bound) & (x <= bound)
-    xc = jnp.clip(x, -bound, bound)
-    x0, y0, wk, hk, d0, d1 = _bin(xc, kx, w, h, d, ky)
-    s = hk / wk
-    xi = jnp.clip((xc - x0) / wk, 0.0, 1.0)
-    t = xi * (1.0 - xi)
-    y = y0 + hk * (s * xi**2 + d0 * t) / (s + (d1 + d0 - 2.0 * s) * t)
-    log_det = _log_slope(xi, s, d0, d1)
-    return jnp.where(inside, y, x), jnp.where(inside, log_det, 0.0)
+    args = _validated("rq_spline_forward", x, widths, heights, derivatives, bound)
+    return _forward(*args, bound=float(bound))
 
 
 def rq_spline_inverse(
@@ -172,24 +224,8 @@ def rq_spline_inverse(
 
     Same parameters as :func:`rq_spline_forward`; exact (closed-form root of a quadratic).
     """
-    y, kx, w, ky, h, d = _setup(y, widths, heights, derivatives, bound)
-    inside = (y >= -bound) & (y <= bound)
-    yc = jnp.clip(y, -bound, bound)
-    y0, x0, hk, wk, d0, d1 = _bin(yc, ky, h, w, d, kx)
-    s = hk / wk
-    dy = yc - y0
-    delta = d1 + d0 - 2.0 * s
-    a = hk * (s - d0) + dy * delta
-    b = hk * d0 - dy * delta
-    c = -s * dy
-    disc = jnp.maximum(b**2 - 4.0 * a * c, 1e-12 * hk**2)
-    # The numerically stable root 2c / (−b − √disc). Its denominator is < 0: a + b = h·s > 0, so
-    # either b > 0, or b ≤ 0 < a and then c ≤ 0 gives √disc ≥ |b| (with equality only at c = 0,
-    # where b = h·d_k > 0).
-    xi = jnp.clip(2.0 * c / (-b - jnp.sqrt(disc)), 0.0, 1.0)
-    x = x0 + xi * wk
-    log_det = -_log_slope(xi, s, d0, d1)
-    return jnp.where(inside, x, y), jnp.where(inside, log_det, 0.0)
+    args = _validated("rq_spline_inverse", y, widths, heights, derivatives, bound)
+    return _inverse(*args, bound=float(bound))
 
 
 def rq_spline_log_derivative(
