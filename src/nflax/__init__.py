@@ -6,11 +6,12 @@ latent → data (sampling); ``log p(x) = log p_base(f(x)) + log|det ∂f/∂x|``
 
 from nflax import bijections, checkpoint, datasets, distributions, flows, nets, plotting, vi
 from nflax.checkpoint import load, save
-from nflax.distributions import Flow, StandardNormal
+from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
 from nflax.training import History, fit, nll
 from nflax.vi import VIHistory, fit_vi
 
 __all__ = [
+    "ConditionalDiagNormal",
     "Flow",
     "History",
     "StandardNormal",

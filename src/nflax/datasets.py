@@ -112,6 +112,75 @@ DATASETS: dict[str, Dataset] = {
 }
 
 
+# -- conditional sets: (x, context) pairs with an exact conditional density --------------------
+@dataclass(frozen=True)
+class ConditionalDataset:
+    """Pairs ``(x, c)``: ``c ~ p(c)``, ``x ~ p(x | c)``, with the exact ``log p(x | c)``."""
+
+    name: str
+    dim: int
+    context_dim: int
+    sampler: Callable[[Array, int], tuple[Array, Array]]
+    density: Callable[[Array, Array], Array]
+    description: str = ""
+    has_density = True
+
+    def sample(self, key: Array, n: int) -> tuple[Array, Array]:
+        """``n`` pairs: ``x`` of shape ``(n, dim)`` and ``c`` of shape ``(n, context_dim)``."""
+        if int(n) < 1:
+            raise ValueError(f"dataset {self.name!r}: number of points must be ≥ 1, received {n}")
+        return self.sampler(key, int(n))
+
+    def sample_given(self, key: Array, context: Array, n: int) -> Array:
+        """``n`` draws of ``x`` for one fixed context row."""
+        return self.sampler(key, int(n), jnp.asarray(context, jnp.float32))[0]
+
+    def log_prob(self, x: Array, context: Array) -> Array:
+        """The exact conditional log-density ``log p(x | c)``."""
+        return self.density(jnp.asarray(x), jnp.asarray(context))
+
+
+_CB_LOW, _CB_HIGH = 0.5, 1.5
+
+
+def _cond_banana_sample(key, n, fixed=None):
+    k0, k1, k2 = jax.random.split(key, 3)
+    if fixed is None:
+        c = jax.random.uniform(k0, (n,), minval=_CB_LOW, maxval=_CB_HIGH)
+    else:
+        c = jnp.broadcast_to(fixed.reshape(()), (n,))
+    x2 = 4.0 * jax.random.normal(k1, (n,))
+    x1 = c * x2**2 / 4.0 + jax.random.normal(k2, (n,))
+    return jnp.stack([x1, x2], axis=-1), c[:, None]
+
+
+def _cond_banana_log_prob(x, c):
+    x1, x2, k = x[..., 0], x[..., 1], c[..., 0]
+    return _normal_logpdf(x2, 0.0, 4.0) + _normal_logpdf(x1, k * x2**2 / 4.0, 1.0)
+
+
+CONDITIONAL_DATASETS: dict[str, ConditionalDataset] = {
+    "conditional_banana": ConditionalDataset(
+        "conditional_banana",
+        2,
+        1,
+        _cond_banana_sample,
+        _cond_banana_log_prob,
+        f"the banana with curvature c ~ U({_CB_LOW}, {_CB_HIGH}) as context: "
+        "x2 ~ N(0, 4²), x1 | x2, c ~ N(c·x2²/4, 1)",
+    ),
+}
+
+
+def get_conditional(name: str) -> ConditionalDataset:
+    """A conditional data set; an unknown name raises ``ValueError`` listing the known ones."""
+    try:
+        return CONDITIONAL_DATASETS[name]
+    except KeyError:
+        known = ", ".join(sorted(CONDITIONAL_DATASETS))
+        raise ValueError(f"unknown conditional dataset {name!r}; known: {known}") from None
+
+
 def names() -> list[str]:
     """The known data set names."""
     return sorted(DATASETS)

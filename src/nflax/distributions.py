@@ -246,17 +246,72 @@ class Uniform(Distribution):
         return jax.random.uniform(key, shape, minval=self.low[...], maxval=self.high[...])
 
 
+class ConditionalDiagNormal(Distribution):
+    """``N(μ(c), diag σ(c)²)``: mean and log-scale predicted from the context by an MLP.
+
+    ``log p(z | c) = Σ_i [−½((z_i − μ_i)/σ_i)² − log σ_i − ½ log 2π]``, with
+    ``(μ, log σ) = net(c)``; the network starts at zero (a standard normal).
+    """
+
+    def __init__(
+        self, dim: int, context_dim: int, *, hidden: Sequence[int] = (32,), rngs: nnx.Rngs
+    ):
+        from nflax.nets import MLP
+
+        if int(dim) < 1 or int(context_dim) < 1:
+            raise ValueError(
+                f"ConditionalDiagNormal: dim and context_dim must be ≥ 1, received {dim}, "
+                f"{context_dim}"
+            )
+        self.event_shape = (int(dim),)
+        self.context_dim = int(context_dim)
+        self.net = MLP(self.context_dim, 2 * int(dim), hidden=hidden, rngs=rngs)
+
+    def _params(self, context):
+        if context is None:
+            raise ValueError("ConditionalDiagNormal: needs a context, received none")
+        if context.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"ConditionalDiagNormal: expected context of shape (*batch, {self.context_dim}), "
+                f"received {tuple(context.shape)}"
+            )
+        out = self.net(context)
+        d = self.event_shape[0]
+        return out[..., :d], out[..., d:]
+
+    def log_prob(self, x, context=None):
+        mean, log_scale = self._params(context)
+        u = (x - mean) * jnp.exp(-log_scale)
+        return jnp.sum(-0.5 * u**2 - log_scale - 0.5 * math.log(2 * math.pi), axis=-1)
+
+    def sample(self, key, shape=(), context=None):
+        mean, log_scale = self._params(context)
+        eps = jax.random.normal(key, (*tuple(shape), *self.event_shape))
+        return mean + jnp.exp(log_scale) * eps
+
+
 class Flow(nnx.Module):
     """A normalizing flow: ``x = f⁻¹(z)``, ``z ~ base``, with ``f`` the ``bijection``.
 
-    ``log p(x) = log p_base(f(x)) + log|det ∂f/∂x|`` — the forward (data → latent) pass.
-    Sampling runs the inverse (latent → data) pass.
+    ``log p(x | c) = log p_base(f(x; c) | c) + log|det ∂f/∂x|`` — the forward (data → latent)
+    pass. Sampling runs the inverse (latent → data) pass.
+
+    A conditional flow takes ``context`` rows of shape ``(*batch, context_dim)``. An optional
+    ``embedding`` network maps the raw context to features once per call; the features go to
+    every layer and to the base distribution.
 
     ``spec`` (set by the constructors in :mod:`nflax.flows`) records how to rebuild the flow:
     a JSON string with the constructor name and its keyword arguments.
     """
 
-    def __init__(self, base: Distribution, bijection: Bijection, *, spec: str | None = None):
+    def __init__(
+        self,
+        base: Distribution,
+        bijection: Bijection,
+        *,
+        embedding: nnx.Module | None = None,
+        spec: str | None = None,
+    ):
         if tuple(base.event_shape) != tuple(bijection.event_shape):
             raise ValueError(
                 f"Flow: base event shape {tuple(base.event_shape)} does not match the "
@@ -264,35 +319,61 @@ class Flow(nnx.Module):
             )
         self.base = base
         self.bijection = bijection
+        self.embedding = embedding
         self.event_shape = tuple(bijection.event_shape)
         self.spec = spec
+        dims = {d for d in (bijection.context_dim, getattr(base, "context_dim", None)) if d}
+        if len(dims) > 1:
+            raise ValueError(f"Flow: bijection and base disagree on context_dim: {sorted(dims)}")
+        self.feature_dim = dims.pop() if dims else None
+        self.is_conditional = self.feature_dim is not None
+
+    def _features(self, context: Array | None) -> Array | None:
+        if not self.is_conditional:
+            if context is not None:
+                raise ValueError("Flow: this flow is unconditional; received a context")
+            return None
+        if context is None:
+            raise ValueError("Flow: this flow is conditional and needs a context; received none")
+        context = jnp.asarray(context)
+        return self.embedding(context) if self.embedding is not None else context
 
     def log_prob(self, x: Array, context: Array | None = None) -> Array:
-        """``log p(x)`` for a batch ``x`` of shape ``(*batch, *event_shape)``."""
+        """``log p(x [| context])`` for ``x`` of shape ``(*batch, *event_shape)``."""
         x = jnp.asarray(x)
-        z, log_det = self.bijection.forward(x, context)
-        return self.base.log_prob(z, context) + log_det
+        c = self._features(context)
+        z, log_det = self.bijection.forward(x, c)
+        return self.base.log_prob(z, c) + log_det
 
     def sample(self, key: Array, n: int, context: Array | None = None) -> Array:
-        """Draw ``n`` samples, shape ``(n, *event_shape)`` (noise → data)."""
+        """``n`` samples (noise → data): shape ``(n, *event)``, or ``(*rows, n, *event)`` for
+        a context of shape ``(*rows, context_dim)`` (``n`` samples per context row)."""
         return self.sample_and_log_prob(key, n, context)[0]
+
+    def _noise(self, key, n, context):
+        c = self._features(context)
+        if c is None:
+            return self.base.sample(key, (int(n),)), None
+        rows = c.shape[:-1]
+        c = jnp.broadcast_to(c[..., None, :], (*rows, int(n), c.shape[-1]))
+        return self.base.sample(key, (*rows, int(n)), c), c
 
     def sample_and_log_prob(
         self, key: Array, n: int, context: Array | None = None
     ) -> tuple[Array, Array]:
         """Samples and their ``log p(x)`` in one inverse pass (no second forward pass)."""
-        z = self.base.sample(key, (int(n),), context)
-        x, log_det_inv = self.bijection.inverse(z, context)
-        return x, self.base.log_prob(z, context) - log_det_inv
+        z, c = self._noise(key, n, context)
+        x, log_det_inv = self.bijection.inverse(z, c)
+        return x, self.base.log_prob(z, c) - log_det_inv
 
     def trajectory(self, x: Array, context: Array | None = None) -> list[Array]:
         """The batch after each layer, data → latent, input first (last is the latent)."""
-        return self.bijection.trajectory(jnp.asarray(x), context)
+        return self.bijection.trajectory(jnp.asarray(x), self._features(context))
 
     def sample_trajectory(self, key: Array, n: int, context: Array | None = None) -> list[Array]:
         """Noise pushed through each layer in the generating direction, noise first."""
-        z = self.base.sample(key, (int(n),), context)
-        return self.bijection.inverse_trajectory(z, context)
+        z, c = self._noise(key, n, context)
+        return self.bijection.inverse_trajectory(z, c)
 
     def layer_names(self) -> list[str]:
         """Elementary layer names in forward order (``trajectory(x)[i + 1]`` follows layer i)."""

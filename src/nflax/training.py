@@ -111,10 +111,10 @@ def check_data(x, event_shape: tuple[int, ...], name: str = "x") -> np.ndarray:
 _FROZEN = nnx.Any(Buffer, DataInit)
 
 
-def _nll(graphdef, params, rest, x, w=None, frozen=None):
+def _nll(graphdef, params, rest, x, w=None, frozen=None, context=None):
     """Mean NLL of ``x`` (weights ``w``) and the model's mutable state after the call."""
     model = nnx.merge(graphdef, params, frozen, rest, copy=True)  # fresh Variables per trace
-    lp = model.log_prob(x)
+    lp = model.log_prob(x, context)
     new_rest = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, _FROZEN)))
     if w is None:
         return -jnp.mean(lp), new_rest
@@ -175,6 +175,7 @@ def fit(
     *,
     key: Array,
     steps: int,
+    context=None,
     optimizer: optax.GradientTransformation | None = None,
     batch_size: int | None = None,
     patience: int | None = None,
@@ -199,6 +200,9 @@ def fit(
       x: data, shape ``(n, *event_shape)``; checked for shape and NaN/inf before any compile.
       key: PRNG key for the validation split and minibatch order (same key → same result).
       steps: maximum number of optimizer steps.
+      context: for a conditional flow, the context of each row of ``x``, shape
+        ``(n, context_dim)``; rows of ``x`` and ``context`` stay together in every split
+        and minibatch.
       optimizer: an optax transformation, default ``optax.adamw(1e-3)``.
       batch_size: minibatch size, default the whole training set (full batch). Batches are
         drawn on the device, without replacement within an epoch; the last, smaller batch of an
@@ -249,9 +253,11 @@ def fit(
     if not isinstance(flow, Flow):
         raise ValueError(f"fit: expected an nflax Flow, received {type(flow).__name__}")
     data = check_data(x, flow.event_shape)
+    ctx = _check_context(flow, context, data.shape[0])
     mesh = parallel.resolve_mesh(mesh, devices)
     if mesh is not None:
         data = parallel.gather_process_data(data)
+        ctx = parallel.gather_process_data(ctx) if ctx is not None else None
     steps = _positive_int("steps", steps)
     chunk_size = _positive_int("chunk_size", chunk_size)
     if patience is not None:
@@ -297,10 +303,17 @@ def fit(
     data_j = jnp.asarray(data)
     x_val = data_j[order[:n_val]] if has_val else None
     x_train = data_j[order[n_val:]] if has_val else data_j
+    c_val = c_train = None
+    if ctx is not None:
+        ctx_j = jnp.asarray(ctx)
+        c_val = ctx_j[order[:n_val]] if has_val else None
+        c_train = ctx_j[order[n_val:]] if has_val else ctx_j
     w_full = None  # a sharded full batch is padded to a multiple of the device count
     if full_batch and n_train % ndev:
         pad = ndev - n_train % ndev
         x_train = jnp.concatenate([x_train, jnp.zeros((pad, *x_train.shape[1:]), x_train.dtype)])
+        if c_train is not None:
+            c_train = jnp.concatenate([c_train, jnp.zeros((pad, c_train.shape[1]), c_train.dtype)])
         w_full = (jnp.arange(n_train + pad) < n_train).astype(x_train.dtype)
 
     # ---- the pure training program ----------------------------------------------------
@@ -310,7 +323,7 @@ def fit(
     if any(getattr(m, "needs_data_init", False) for _, m in nnx.iter_graph(flow)):
         # Data-dependent initialisation (ActNorm) runs once, eagerly, on the first batch.
         flow.train()
-        flow.log_prob(x_train[:bsz])
+        flow.log_prob(x_train[:bsz], None if c_train is None else c_train[:bsz])
     # Training mode (batch statistics) for the steps, evaluation mode for the validation NLL.
     flow.eval()
     graphdef_eval = nnx.split(flow, nnx.Param, _FROZEN, ...)[0]
@@ -319,9 +332,10 @@ def fit(
     opt_state = tx.init(params)
     patience_v = patience if patience is not None else -1
 
-    def batch_at(carry):
+    def batch_at(carry, d):
+        x_train, _, c_train, _ = d
         if full_batch:
-            return x_train, w_full, carry["perm"]
+            return x_train, c_train, w_full, carry["perm"]
         b = carry["step"] % num_batches
         perm = jax.lax.cond(
             b == 0,
@@ -329,25 +343,24 @@ def fit(
             lambda: carry["perm"],
         )
         idx, w = batch_indices(perm, b, n_train, bsz)
-        return x_train[idx], w.astype(x_train.dtype), perm
+        cb = c_train[idx] if c_train is not None else None
+        return x_train[idx], cb, w.astype(x_train.dtype), perm
 
-    def do_step(carry, x_train, x_val, total):
+    def do_step(carry, d, total):
         p, rest = carry["params"], carry["rest"]
         t = carry["step"]
-        xb, w, perm = batch_at(carry)
+        xb, cb, w, perm = batch_at(carry, d)
         if mesh is not None:  # shard the batch: each device takes its slice of the rows
-            xb = jax.lax.with_sharding_constraint(xb, parallel.batch_sharded(mesh))
-            if w is not None:
-                w = jax.lax.with_sharding_constraint(w, parallel.batch_sharded(mesh))
+            xb, cb, w = jax.lax.with_sharding_constraint((xb, cb, w), parallel.batch_sharded(mesh))
         (loss, new_rest), grads = jax.value_and_grad(
-            lambda q: _nll(graphdef, q, rest, xb, w, frozen), has_aux=True
+            lambda q: _nll(graphdef, q, rest, xb, w, frozen, cb), has_aux=True
         )(p)
         finite = jnp.isfinite(loss) & _all_finite(grads)
         if has_val:
             do_eval = (t % eval_every == 0) | (t == total - 1)
             metric = jax.lax.cond(
                 do_eval,
-                lambda: _nll(graphdef_eval, p, rest, x_val, None, frozen)[0],
+                lambda: _nll(graphdef_eval, p, rest, d[1], None, frozen, d[3])[0],
                 lambda: jnp.float32(jnp.nan),
             )
         else:
@@ -374,13 +387,13 @@ def fit(
         )
         return new, (jnp.where(finite, loss, jnp.nan), jnp.where(do_eval, metric, jnp.nan))
 
-    def chunk(carry, x_train, x_val, total):
+    def chunk(carry, d, total):
         def body(c, _):
             active = (c["status"] == _RUNNING) & (c["step"] < total)
             nan = jnp.float32(jnp.nan)
             return jax.lax.cond(
                 active,
-                lambda c: do_step(c, x_train, x_val, total),
+                lambda c: do_step(c, d, total),
                 lambda c: (c, (nan, nan)),
                 c,
             )
@@ -401,7 +414,7 @@ def fit(
         status=jnp.int32(_RUNNING),
     )
     total = jnp.int32(steps)
-    args = (x_train, x_val, total)
+    args = ((x_train, x_val, c_train, c_val), total)
     t0 = time.perf_counter()
     if mesh is not None:  # everything replicated; batches are sharded inside the step
         carry, args = jax.device_put((carry, args), parallel.replicated(mesh))
@@ -417,7 +430,9 @@ def fit(
 
         ckpt = TrainingCheckpoints(checkpoint_dir, keep_checkpoints)
         fingerprint = {
-            "data_sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+            "data_sha256": hashlib.sha256(
+                data.tobytes() + (ctx.tobytes() if ctx is not None else b"")
+            ).hexdigest(),
             "data_shape": list(data.shape),
             "key": np.asarray(jax.random.key_data(key)).tolist(),
             "val_fraction": float(val_fraction),
@@ -512,6 +527,27 @@ def fit(
     )
 
 
+def _check_context(flow: Flow, context, n: int) -> np.ndarray | None:
+    """Validate the context rows of a conditional flow (host side, before any compile)."""
+    conditional = getattr(flow, "is_conditional", False)
+    if context is None:
+        if conditional:
+            raise ValueError("fit: this flow is conditional; pass context=(n, context_dim) rows")
+        return None
+    if not conditional:
+        raise ValueError("fit: this flow is unconditional; received a context")
+    try:
+        c = np.asarray(context, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"context: not a numeric array ({e})") from None
+    if c.ndim != 2 or c.shape[0] != n:
+        raise ValueError(f"context: expected shape ({n}, context_dim), received {c.shape}")
+    if not np.all(np.isfinite(c)):
+        rows = np.unique(np.nonzero(~np.isfinite(c))[0])
+        raise ValueError(f"context: {len(rows)} row(s) contain NaN or inf (first at row {rows[0]})")
+    return c
+
+
 def _last_finite(a: np.ndarray) -> float:
     f = a[np.isfinite(a)]
     return float(f[-1]) if f.size else float("nan")
@@ -523,10 +559,16 @@ def _positive_int(name: str, v, who: str = "fit") -> int:
     return int(v)
 
 
-def nll(flow: Flow, x, batch_size: int = 65536) -> np.ndarray:
-    """Per-point negative log-likelihood ``−log p(x)`` of ``x`` under ``flow`` (host array)."""
+def nll(flow: Flow, x, context=None, batch_size: int = 65536) -> np.ndarray:
+    """Per-point negative log-likelihood ``−log p(x [| context])`` under ``flow`` (host array)."""
     data = check_data(x, flow.event_shape)
+    ctx = _check_context(flow, context, data.shape[0])
     graphdef, frozen, state = nnx.split(flow, _FROZEN, ...)
-    fn = jax.jit(lambda s, xb: -nnx.merge(graphdef, frozen, s).log_prob(xb))
-    out = [np.asarray(fn(state, data[i : i + batch_size])) for i in range(0, len(data), batch_size)]
+    fn = jax.jit(lambda s, xb, cb: -nnx.merge(graphdef, frozen, s).log_prob(xb, cb))
+    out = [
+        np.asarray(
+            fn(state, data[i : i + batch_size], None if ctx is None else ctx[i : i + batch_size])
+        )
+        for i in range(0, len(data), batch_size)
+    ]
     return np.concatenate(out)
