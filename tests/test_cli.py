@@ -97,3 +97,15 @@ def test_more_points_close_the_gap(tmp_path):
     assert main(["train", "--num-points", "8192", "--out", str(out), "--quiet", "--no-plots"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["test_nll"] - m["true_nll"] <= 0.04, m
+
+
+def test_conditional_run(tmp_path):
+    out = tmp_path / "cond"
+    args = ["train", "--conditional", "--steps", "60", "--layers", "2", "--hidden", "16"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dataset"] == "conditional_banana" and cfg["flow_kwargs"]["context_dim"] == 1
+    assert np.isfinite(m["test_nll"]) and np.isfinite(m["true_nll"])
+    for name in ["samples.png", "loss.png", "history.csv", "flow/nflax.json"]:
+        assert (out / name).is_file(), name

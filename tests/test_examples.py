@@ -27,3 +27,10 @@ def test_change_of_variables_histogram_matches_formula(tmp_path):
     assert np.max(np.abs(hist - formula)) < 0.12
     mod.main(str(tmp_path / "cov.png"))
     assert (tmp_path / "cov.png").stat().st_size > 1000
+
+
+def test_conditional_density_example_runs_small(tmp_path):
+    mod = _load("conditional_density")
+    gap = mod.main(steps=150, out=str(tmp_path / "c.png"), num_points=512)
+    assert np.isfinite(gap) and gap < 1.0
+    assert (tmp_path / "c.png").stat().st_size > 1000

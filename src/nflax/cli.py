@@ -7,6 +7,7 @@ data set, a bad flag value, a missing run) exit with status 2 and one line on st
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         "standardised, and samples come back in its units",
     )
     t.add_argument("--resume", default=None, metavar="RUN", help="continue a stopped run")
+    t.add_argument(
+        "--conditional",
+        action="store_true",
+        help="a conditional flow p(x | c) on a conditional set (default conditional_banana)",
+    )
     t.add_argument(
         "--devices",
         choices=["all"],
@@ -290,7 +296,17 @@ def _train(args) -> int:
         raise UsageError(
             "--val-fraction 0 leaves nothing to stop early on; add --no-early-stopping"
         )
-    if args.data is not None:
+    if args.conditional:
+        if args.data is not None:
+            raise UsageError("--conditional works with the built-in conditional sets, not --data")
+        cname = "conditional_banana" if args.dataset == "banana" else args.dataset
+        try:
+            cds = datasets.get_conditional(cname)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        config.update(dataset=cds.name, dim=cds.dim, conditional=True)
+        name = cds.name
+    elif args.data is not None:
         x = _load_data_file(args.data)
         config.update(dataset=None, data_file=str(Path(args.data).absolute()), dim=x.shape[1])
         name = Path(args.data).stem
@@ -302,6 +318,12 @@ def _train(args) -> int:
         config.update(dataset=ds.name, dim=ds.dim)
         name = ds.name
     config["flow_kwargs"] = _flow_kwargs(args, config["dim"])
+    if args.conditional:
+        from nflax import flows
+
+        if "context_dim" not in inspect.signature(flows.CONSTRUCTORS[args.flow]).parameters:
+            raise UsageError(f"flow {args.flow!r} has no conditional form")
+        config["flow_kwargs"]["context_dim"] = cds.context_dim
     out = Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"run folder {out} already exists and is not empty (use --resume {out})")
@@ -352,6 +374,13 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
         ds = types.SimpleNamespace(
             name=Path(config["data_file"]).stem, dim=config["dim"], has_density=False, log_prob=None
         )
+    elif config.get("conditional"):
+        try:
+            ds = datasets.get_conditional(config["dataset"])
+        except ValueError as e:
+            raise UsageError(f"cannot run: {e}") from None
+        x, c = (np.asarray(a) for a in ds.sample(key_data, config["num_points"]))
+        x_test, c_test = (np.asarray(a) for a in ds.sample(key_test, 16384))
     else:
         try:
             ds = datasets.get(config["dataset"])
@@ -363,13 +392,16 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
     from nflax import parallel
 
     primary = parallel.is_primary()
-    x_fit = x
+    c = c if config.get("conditional") else None
+    c_test = c_test if config.get("conditional") else None
+    x_fit, c_fit = x, c
     if jax.process_count() > 1:  # each process passes its own block of rows; fit gathers them
         nproc, pid = jax.process_count(), jax.process_index()
         if len(x) % nproc:
             raise UsageError(f"{len(x)} training points do not split evenly over {nproc} processes")
         block = len(x) // nproc
         x_fit = x[pid * block : (pid + 1) * block]
+        c_fit = None if c is None else c[pid * block : (pid + 1) * block]
     try:
         flow = flows.build(config["flow"], **config["flow_kwargs"], rngs=nnx.Rngs(config["seed"]))
     except (TypeError, ValueError) as e:
@@ -384,6 +416,7 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
         history = fit(
             flow,
             x_fit,
+            context=c_fit,
             key=key_fit,
             steps=steps,
             optimizer=optax.adamw(lr, weight_decay=config["weight_decay"]),
@@ -399,9 +432,9 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
     except (ValueError, checkpoint.CheckpointError) as e:
         raise UsageError(str(e)) from None
 
-    metrics = {"train_nll": float(np.mean(nll(flow, x))) + log_det_std}
+    metrics = {"train_nll": float(np.mean(nll(flow, x, c))) + log_det_std}
     if len(x_test):
-        test = nll(flow, x_test) + log_det_std
+        test = nll(flow, x_test, c_test) + log_det_std
         metrics.update(
             test_nll=float(np.mean(test)),
             test_nll_median=float(np.median(test)),
@@ -418,7 +451,7 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
         train_seconds=history.train_seconds,
     )
     if ds.has_density:
-        true = -np.asarray(ds.log_prob(x_test))
+        true = -np.asarray(ds.log_prob(x_test) if c is None else ds.log_prob(x_test, c_test))
         metrics["true_nll"] = float(np.mean(true))
         metrics["test_minus_true_nll"] = metrics["test_nll"] - metrics["true_nll"]
         metrics["true_nll_median"] = float(np.median(true))
@@ -432,7 +465,9 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
     if config.get("standardize"):
         _write_json(out / "config.json", config)
     _write_json(out / "metrics.json", metrics)
-    if plots:
+    if plots and c is not None:
+        _conditional_plots(out, flow, ds, history, key_plot)
+    elif plots:
         _plots(out, flow, x, ds, history, key_plot)
     if not quiet:
         line = f"{ds.name}: "
@@ -443,6 +478,22 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
         line += f", {history.steps_run} steps ({history.stop_reason}) → {out}"
         print(line)
     return 0
+
+
+def _conditional_plots(out: Path, flow, ds, history, key) -> None:
+    import jax
+    import numpy as np
+
+    from nflax import plotting
+
+    contexts = np.linspace(0.5, 1.5, 3, dtype=np.float32)[:, None]
+    keys = jax.random.split(key, len(contexts) + 1)
+    reference = [
+        np.asarray(ds.sample_given(k, ctx, 1000)) for k, ctx in zip(keys[1:], contexts, strict=True)
+    ]
+    fig = plotting.plot_conditional_samples(flow, keys[0], contexts, 1000, reference=reference)
+    fig.savefig(out / "samples.png", dpi=110)
+    plotting.plot_history(history).savefig(out / "loss.png", dpi=110)
 
 
 def _plots(out: Path, flow, x, ds, history, key) -> None:

@@ -248,3 +248,35 @@ def plot_elbo(history, log_normalizer: float | None = None) -> Figure:
     ax_ess.set_xlabel("step")
     ax_ess.set_title("effective sample size / samples", fontsize=9)
     return fig
+
+
+def plot_conditional_samples(
+    flow: Flow, key: Array, contexts, n: int = 1000, reference=None
+) -> Figure:
+    """Samples of a conditional 2D flow, one panel per context row (over reference samples)."""
+    contexts = np.asarray(contexts, np.float32)
+    samples = np.asarray(flow.sample(key, n, jnp.asarray(contexts)))
+    fig = Figure(figsize=(3.2 * len(contexts), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(contexts), squeeze=False)[0]
+    for i, ax in enumerate(axes):
+        pts = [samples[i]]
+        if reference is not None:
+            ref = np.asarray(reference[i])
+            ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.6", alpha=0.5, linewidths=0, label="true")
+            pts.append(ref)
+        ax.scatter(
+            samples[i][:, 0],
+            samples[i][:, 1],
+            s=2,
+            c="tab:red",
+            alpha=0.5,
+            linewidths=0,
+            label="flow",
+        )
+        (x0, x1), (y0, y1) = _limits(np.concatenate(pts)[:, :2])
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.set_title(f"context {np.array2string(contexts[i], precision=2)}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7, markerscale=4)
+    return fig
