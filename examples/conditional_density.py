@@ -46,7 +46,9 @@ def main(steps: int = 2000, out: str = "conditional_density.png", num_points: in
     flow, ds, gap = run(steps, num_points)
     contexts = np.array([[0.5], [1.0], [1.5]], np.float32)
     keys = jax.random.split(jax.random.key(7), 4)
-    reference = [np.asarray(ds.sample_given(k, ctx, 1000)) for k, ctx in zip(keys[1:], contexts)]
+    reference = [
+        np.asarray(ds.sample_given(k, ctx, 1000)) for k, ctx in zip(keys[1:], contexts, strict=True)
+    ]
     fig = nflax.plotting.plot_conditional_samples(flow, keys[0], contexts, 1000, reference)
     fig.savefig(out, dpi=110)
     print(f"test NLL − exact conditional NLL = {gap:+.4f} nats; wrote {out}")
