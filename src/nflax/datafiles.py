@@ -72,16 +72,13 @@ def check_array(arr: np.ndarray, name: str, *, dim: int | None = None) -> np.nda
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataFileError(f"data file {name}: contains no data points (shape {arr.shape})")
     if dim is not None and arr.shape[1] != dim:
-        raise DataFileError(
-            f"data file {name}: expected {dim} column(s), received {arr.shape[1]}"
-        )
+        raise DataFileError(f"data file {name}: expected {dim} column(s), received {arr.shape[1]}")
     arr = arr.astype(np.float32)
     bad = ~np.isfinite(arr)
     if bad.any():
         rows = np.unique(np.nonzero(bad)[0])
         raise DataFileError(
-            f"data file {name}: {len(rows)} row(s) contain NaN or inf (first at row "
-            f"{int(rows[0])})"
+            f"data file {name}: {len(rows)} row(s) contain NaN or inf (first at row {int(rows[0])})"
         )
     return arr
 

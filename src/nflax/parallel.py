@@ -37,8 +37,10 @@ def initialize(
     """
     if num_processes is not None and int(num_processes) < 1:
         raise ValueError(f"initialize: num_processes must be ≥ 1, received {num_processes}")
-    if process_id is not None and num_processes is not None and not (
-        0 <= int(process_id) < int(num_processes)
+    if (
+        process_id is not None
+        and num_processes is not None
+        and not (0 <= int(process_id) < int(num_processes))
     ):
         raise ValueError(
             f"initialize: process_id must be in [0, {num_processes}), received {process_id}"

@@ -259,8 +259,7 @@ class Stack(Bijection):
         """Only layers in training mode or awaiting data-dependent init write state back (so a
         Stack in evaluation mode can be called under jax.jit/jacobian from outside)."""
         return any(
-            getattr(m, "use_running_average", True) is False
-            or getattr(m, "needs_data_init", False)
+            getattr(m, "use_running_average", True) is False or getattr(m, "needs_data_init", False)
             for _, m in nnx.iter_graph(self.layer)
         )
 
