@@ -255,6 +255,8 @@ def _train(args) -> int:
     if args.coordinator is not None:
         if args.num_processes is None or args.process_id is None:
             raise UsageError("--coordinator needs --num-processes and --process-id")
+        if args.out is None and args.resume is None:
+            raise UsageError("--coordinator needs --out (the same run folder for every process)")
         from nflax import parallel
 
         try:
@@ -325,7 +327,10 @@ def _train(args) -> int:
             raise UsageError(f"flow {args.flow!r} has no conditional form")
         config["flow_kwargs"]["context_dim"] = cds.context_dim
     out = Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    from nflax import parallel
+
+    # Only process 0 checks: the others could see the config.json it writes first.
+    if parallel.is_primary() and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"run folder {out} already exists and is not empty (use --resume {out})")
     return _run_training(config, out, resume=False, quiet=args.quiet, plots=not args.no_plots)
 
