@@ -62,7 +62,7 @@ class _MaskedCoupling(Bijection):
         mask: Sequence[float] | np.ndarray,
         conditioner: nnx.Module,
         *,
-        context_dim: int | None,
+        context_dim: int | None = None,
     ):
         name = type(self).__name__
         mask = np.asarray(mask, np.float32)
