@@ -49,7 +49,7 @@ def plot_trajectory(
     key: Array | None = None,
     n: int | None = None,
     direction: str = "both",
-    max_cols: int = 9,
+    max_cols: int = 10,
 ) -> Figure:
     """The tutorial's picture: a batch after every layer, one panel per layer.
 
