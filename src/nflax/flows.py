@@ -16,7 +16,7 @@ from nflax.bijections.elementwise import Affine
 from nflax.bijections.normalization import ActNorm
 from nflax.bijections.planar import Planar
 from nflax.bijections.splines import num_spline_params
-from nflax.distributions import Flow, StandardNormal
+from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
 from nflax.nets import MLP
 
 CONSTRUCTORS: dict[str, Callable[..., Flow]] = {}
@@ -97,12 +97,16 @@ def realnvp(
 
 
 @register
-def planar(dim: int, *, num_layers: int = 16, rngs: nnx.Rngs) -> Flow:
+def planar(
+    dim: int, *, num_layers: int = 16, context_dim: int | None = None, rngs: nnx.Rngs
+) -> Flow:
     """Planar flow (Rezende & Mohamed 2015): ``num_layers`` :class:`~nflax.bijections.Planar`.
 
     Each layer is ``z = x + û·tanh(wᵀx + b)`` in the forward (data → latent) direction, so
     ``log_prob`` is closed-form and sampling inverts each layer numerically (bisection + one
-    Newton step, float precision). The identical layers are stacked and scanned.
+    Newton step, float precision). The identical layers are stacked and scanned. Planar
+    layers have no conditioner: with ``context_dim`` the flow is conditional through its base,
+    a :class:`~nflax.distributions.ConditionalDiagNormal`.
 
     >>> flow = planar(2, num_layers=4, rngs=nnx.Rngs(0))
     >>> flow.log_prob(jnp.zeros((3, 2))).shape
@@ -111,8 +115,14 @@ def planar(dim: int, *, num_layers: int = 16, rngs: nnx.Rngs) -> Flow:
     _check_dim("planar", dim, num_layers)
     dim, num_layers = int(dim), int(num_layers)
     bijection = Stack([Planar(dim, rngs=rngs) for _ in range(num_layers)])
-    spec = _spec("planar", dim=dim, num_layers=num_layers)
-    return Flow(StandardNormal(dim), bijection, spec=spec)
+    context_dim = _context_dim("planar", context_dim)
+    spec = _spec("planar", dim=dim, num_layers=num_layers, context_dim=context_dim)
+    base = (
+        StandardNormal(dim)
+        if context_dim is None
+        else ConditionalDiagNormal(dim, context_dim, rngs=rngs)
+    )
+    return Flow(base, bijection, spec=spec)
 
 
 def _context_dim(name: str, context_dim: int | None) -> int | None:
@@ -269,6 +279,7 @@ def nsf(
     hidden: Sequence[int] = (64, 64),
     bins: int = 8,
     bound: float = 3.0,
+    actnorm: bool = False,
     context_dim: int | None = None,
     rngs: nnx.Rngs,
 ) -> Flow:
@@ -279,7 +290,9 @@ def nsf(
     conditioners and alternating masks (one pass both ways). ``variant="autoregressive"``:
     :class:`~nflax.bijections.autoregressive.MaskedAutoregressive` spline layers with the order
     reversed between layers (one pass for density, ``dim`` for sampling). Either way the
-    layers are stacked and scanned.
+    layers are stacked and scanned. The splines only act inside ``[-bound, bound]``:
+    ``actnorm=True`` puts an :class:`~nflax.bijections.ActNorm` first so that standardised
+    data fall inside it (``nflax train`` uses it).
 
     >>> flow = nsf(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
     >>> flow.log_prob(jnp.zeros((3, 2))).shape
@@ -319,6 +332,10 @@ def nsf(
         hidden=list(hidden),
         bins=bins,
         bound=bound,
+        actnorm=bool(actnorm),
         context_dim=context_dim,
     )
-    return Flow(StandardNormal(dim), Stack(layers), spec=spec)
+    bijection = Stack(layers)
+    if actnorm:
+        bijection = Chain([ActNorm(dim), bijection])
+    return Flow(StandardNormal(dim), bijection, spec=spec)
