@@ -17,7 +17,8 @@ def perturb(module: nnx.Module, key, scale: float = 0.3) -> None:
     state = nnx.state(module, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)
     noisy = [
-        (np.asarray(v) + scale * rng.standard_normal(v.shape)).astype(v.dtype) for v in leaves
+        jnp.asarray((np.asarray(v) + scale * rng.standard_normal(v.shape)).astype(v.dtype))
+        for v in leaves
     ]
     nnx.update(module, jax.tree.unflatten(treedef, noisy))
 

@@ -26,8 +26,8 @@ def _cflow(seed=0, context_dim=1, base=False, embedding=None):
 @pytest.mark.parametrize("base", [False, True])
 def test_conditional_density_integrates_to_one_for_each_context(base):
     flow = _cflow(base=base)
-    perturb(flow, jax.random.key(0), scale=0.2)
-    lim, res = 9.0, 360
+    perturb(flow, jax.random.key(0), scale=0.1)
+    lim, res = 12.0, 480
     xs = np.linspace(-lim, lim, res)
     grid = np.stack(np.meshgrid(xs, xs), axis=-1).reshape(-1, 2).astype(np.float32)
     cell = (xs[1] - xs[0]) ** 2
