@@ -1,0 +1,466 @@
+"""Training speed: ``nflax.fit`` against the tutorial's per-step Python loop, in one process.
+
+Both sides train the same model: RealNVP with ``--layers`` affine couplings (alternating masks,
+scale ``tanh(s / e^c) · e^c``), MLP conditioners (``--hidden``, tanh), a standard normal base,
+``optax.adam(1e-3)``, on the "banana" data.
+
+* baseline: the tutorial's pattern, re-created here: Flax Linen modules, a ``jax.jit``-ed train
+  step (loss + grad + optax update) called once per step from a Python loop that reads the loss
+  every step (for its patience check); minibatches are shuffled and sliced on the host with
+  numpy each step, so each step copies its batch host → device.
+* nflax: ``nflax.fit(flow, x, optimizer=optax.adam(1e-3), batch_size=..., progress=False)``.
+
+Reported per batch size: steps/s and their ratio, compile seconds (AOT ``lower().compile()``
+for both), the NLL of the training data after the same number of steps, and the achieved FLOP/s
+as a fraction of a float32 matmul peak measured in this run (a timed square ``jnp.dot``). The
+train step's FLOPs come from XLA's ``cost_analysis()`` of the baseline's compiled train step
+(same model and optimizer, so the same useful work per step; the analytic matmul count is
+printed next to it). Also: compile time of ``realnvp`` with few vs many layers through
+``fit``. Nothing here is specific to a backend; run it unchanged on a GPU, e.g.
+``python benchmarks/train_speed.py --batch-sizes 65536 --hidden 256 256 --num-points 262144``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from flax.training import train_state
+
+import nflax
+
+LOG_2PI = float(np.log(2 * np.pi))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline: the tutorial's Linen model and per-step loop
+# ---------------------------------------------------------------------------------------------
+class LinenMLP(nn.Module):
+    hidden: Sequence[int]
+    out: int
+
+    @nn.compact
+    def __call__(self, x):
+        for h in self.hidden:
+            x = nn.tanh(nn.Dense(h)(x))
+        return nn.Dense(self.out, kernel_init=nn.initializers.zeros)(x)
+
+
+class LinenCoupling(nn.Module):
+    mask: tuple[float, ...]
+    hidden: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        m = jnp.asarray(self.mask, x.dtype)
+        out = LinenMLP(self.hidden, 2 * dim)(x * m)
+        s, t = out[..., :dim], out[..., dim:]
+        ec = jnp.exp(self.param("c", nn.initializers.zeros, (dim,)))
+        s = jnp.tanh(s / ec) * ec
+        s, t = s * (1 - m), t * (1 - m)
+        return (x + t) * jnp.exp(s), s.sum(-1)
+
+
+class LinenRealNVP(nn.Module):
+    dim: int
+    layers: int
+    hidden: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x):
+        log_det = jnp.zeros(x.shape[:-1], x.dtype)
+        for i in range(self.layers):
+            mask = tuple(float((j + i) % 2 == 0) for j in range(self.dim))
+            x, ld = LinenCoupling(mask, self.hidden)(x)
+            log_det = log_det + ld
+        log_base = -0.5 * jnp.sum(x**2, -1) - 0.5 * self.dim * LOG_2PI
+        return log_base + log_det  # log p(x)
+
+
+def baseline_setup(args, data: np.ndarray, batch: int):
+    model = LinenRealNVP(data.shape[1], args.layers, tuple(args.hidden))
+    params = model.init(jax.random.key(args.seed), jnp.asarray(data[:batch]))["params"]
+    state = train_state.TrainState.create(
+        apply_fn=model.apply, params=params, tx=optax.adam(args.lr)
+    )
+
+    def loss_fn(params, x):
+        return -jnp.mean(model.apply({"params": params}, x))
+
+    def train_step(state, x):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, x)
+        return state.apply_gradients(grads=grads), loss
+
+    return model, state, train_step
+
+
+def run_baseline(args, data: np.ndarray, batch: int, steps: int) -> dict:
+    model, state, train_step = baseline_setup(args, data, batch)
+    n = data.shape[0]
+    full = batch >= n
+    x0 = jnp.asarray(data[:batch])
+
+    # Compile time, AOT, on a fresh jit object (the loop below uses its own ``jax.jit``).
+    t0 = time.perf_counter()
+    compiled = jax.jit(train_step).lower(state, x0).compile()
+    compile_s = time.perf_counter() - t0
+    flops = _flops(compiled)
+
+    step_fn = jax.jit(train_step)
+    data_dev = jnp.asarray(data)  # full batch: device-resident, no per-step copy (favours it)
+    # Warm-up call (compiles ``step_fn``); its result is discarded, the budget is unchanged.
+    jax.block_until_ready(step_fn(state, data_dev if full else data[:batch]))
+
+    rng = np.random.default_rng(args.seed)
+    patience, best, bad = steps, np.inf, 0
+    perm, pos = None, n
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if full:
+            xb = data_dev
+        else:  # the usual host-side loader: shuffle per epoch, slice per step (drop last)
+            if pos + batch > n:
+                perm, pos = rng.permutation(n), 0
+            xb = data[perm[pos : pos + batch]]
+            pos += batch
+        state, loss = step_fn(state, xb)
+        loss = float(loss)  # the tutorial reads the loss every step for its patience check
+        if loss < best:
+            best, bad = loss, 0
+        else:
+            bad += 1
+            if bad > patience:
+                break
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0
+    nll_fn = jax.jit(lambda p, x: -jnp.mean(model.apply({"params": p}, x)))
+    return dict(
+        steps_per_s=steps / seconds,
+        compile_s=compile_s,
+        nll=float(nll_fn(state.params, data_dev)),
+        flops=flops,
+    )
+
+
+def run_baseline_scanned(args, data: np.ndarray, batch: int, steps: int) -> dict:
+    """The baseline's own Linen train step, many steps per ``lax.scan`` call, batches gathered
+    on the device: its compute without the Python loop (no one trains like this; it bounds
+    what removing the loop alone can gain)."""
+    model, state, train_step = baseline_setup(args, data, batch)
+    n = data.shape[0]
+    nb = max(n // batch, 1)  # batches per epoch (drop last, like the loop)
+    chunk = nb * max(1, 100 // nb)
+    data_dev = jnp.asarray(data)
+
+    def run_chunk(state, key):
+        perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, chunk // nb))
+        idx = perms[:, : nb * batch].reshape(chunk, batch)
+
+        def body(state, i):
+            return train_step(state, data_dev[i] if batch < n else data_dev)
+
+        return jax.lax.scan(body, state, idx)
+
+    key = jax.random.key(args.seed)
+    t0 = time.perf_counter()
+    compiled = jax.jit(run_chunk).lower(state, key).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(state, key))  # warm-up, discarded
+    n_chunks = -(-steps // chunk)
+    t0 = time.perf_counter()
+    for c in range(n_chunks):
+        state, _ = compiled(state, jax.random.fold_in(key, c))
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0
+    nll_fn = jax.jit(lambda p, x: -jnp.mean(model.apply({"params": p}, x)))
+    return dict(
+        steps_per_s=n_chunks * chunk / seconds,
+        compile_s=compile_s,
+        nll=float(nll_fn(state.params, data_dev)),
+        steps=n_chunks * chunk,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# nflax
+# ---------------------------------------------------------------------------------------------
+def make_flow(args, layers: int | None = None, unroll: int | None = None):
+    n_layers = args.layers if layers is None else layers
+    flow = nflax.flows.realnvp(
+        2, num_layers=n_layers, hidden=tuple(args.hidden), rngs=nnx.Rngs(args.seed)
+    )
+    if unroll is not None:  # unroll the scan over layers (``n_layers``: straight-line code)
+        for _, m in nnx.iter_graph(flow):
+            if isinstance(m, nflax.bijections.Stack):
+                m.unroll = n_layers if unroll == 0 else unroll
+    return flow
+
+
+def copy_linen_init(flow, linen_params) -> None:
+    """Give ``flow`` (a realnvp) the baseline's initial weights, so both runs start equal."""
+    layer = flow.bijection.layer
+    denses = [*layer.conditioner.hidden, layer.conditioner.out]
+    names = [f"LinenCoupling_{i}" for i in range(flow.bijection.num_layers)]
+
+    def stacked(*path):
+        arrs = []
+        for name in names:
+            a = linen_params[name]
+            for k in path:
+                a = a[k]
+            arrs.append(a)
+        return jnp.stack(arrs)
+
+    layer.c.value = stacked("c")
+    for j, dense in enumerate(denses):
+        dense.kernel.value = stacked("LinenMLP_0", f"Dense_{j}", "kernel")
+        dense.bias.value = stacked("LinenMLP_0", f"Dense_{j}", "bias")
+
+
+def run_nflax(args, data: np.ndarray, batch: int, steps: int, unroll=None, **kw) -> dict:
+    flow = make_flow(args, unroll=unroll)
+    if args.same_init:
+        _, state, _ = baseline_setup(args, data, batch)
+        copy_linen_init(flow, state.params)
+    t0 = time.perf_counter()
+    hist = nflax.fit(
+        flow,
+        data,
+        key=jax.random.key(args.seed),
+        steps=steps,
+        optimizer=optax.adam(args.lr),
+        batch_size=batch,
+        progress=False,
+        **kw,
+    )
+    wall = time.perf_counter() - t0
+    assert hist.steps_run == steps, (hist.steps_run, hist.stop_reason)
+    return dict(
+        steps_per_s=hist.steps_per_second,
+        compile_s=hist.compile_seconds,
+        setup_s=wall - hist.train_seconds,
+        nll=float(np.mean(nflax.nll(flow, data))),
+    )
+
+
+def depth_compile(args, layers: Sequence[int], data: np.ndarray) -> dict[int, float]:
+    out = {}
+    for n_layers in layers:
+        flow = make_flow(args, n_layers)
+        hist = nflax.fit(
+            flow, data, key=jax.random.key(0), steps=1, optimizer=optax.adam(args.lr),
+            progress=False,
+        )  # fmt: skip
+        out[n_layers] = hist.compile_seconds
+    return out
+
+
+def baseline_depth_compile(args, layers: Sequence[int], data: np.ndarray) -> dict[int, float]:
+    out = {}
+    for n_layers in layers:
+        a = argparse.Namespace(**{**vars(args), "layers": n_layers})
+        _, state, train_step = baseline_setup(a, data, data.shape[0])
+        t0 = time.perf_counter()
+        jax.jit(train_step).lower(state, jnp.asarray(data)).compile()
+        out[n_layers] = time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement helpers
+# ---------------------------------------------------------------------------------------------
+def _flops(compiled) -> float:
+    try:
+        ca = compiled.cost_analysis()
+        if isinstance(ca, list | tuple):
+            ca = ca[0]
+        return float(ca.get("flops", float("nan")))
+    except Exception:  # cost analysis is best effort on some backends
+        return float("nan")
+
+
+def analytic_flops(args, batch: int) -> float:
+    """Matmul FLOPs of one train step: forward 2·in·out per dense layer and point, ×3 with
+    the backward pass (grad wrt inputs and weights); elementwise work and adam not counted."""
+    sizes = [2, *args.hidden, 4]
+    fwd = sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    return 3.0 * fwd * args.layers * batch
+
+
+def matmul_peak(size: int, repeats: int) -> float:
+    """Best float32 FLOP/s of a square ``jnp.dot`` of ``size``."""
+    a = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(2), (size, size), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, b))
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(dot(a, b))
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def machine() -> str:
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", dev.platform)
+    try:
+        load = f"load avg {os.getloadavg()[0]:.2f}"
+    except OSError:
+        load = "load n/a"
+    return (
+        f"{dev.platform} {kind} × {jax.device_count()}, {os.cpu_count()} host CPUs, {load}; "
+        f"jax {jax.__version__}, python {platform.python_version()}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+IMPLS = (
+    ("baseline", "base"),
+    ("Linen step in scan", "scan"),
+    ("nflax.fit", "ours"),
+    ("fit, unrolled", "unrolled"),
+    ("fit+patience", "pat"),
+)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 128])
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--num-points", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--same-init",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start nflax from the baseline's initial weights (default on)",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="runs per row; the fastest is kept")
+    p.add_argument("--depths", type=int, nargs=2, default=[4, 32], help="compile-vs-depth pair")
+    p.add_argument("--peak-size", type=int, default=2048, help="square matmul for the peak")
+    p.add_argument(
+        "--unrolled-row", action="store_true", help="also fit with the layer scan unrolled"
+    )
+    p.add_argument("--patience-row", action="store_true", help="also fit with a patience")
+    p.add_argument(
+        "--scan-row",
+        action="store_true",
+        help="also time the baseline's Linen step inside lax.scan (its compute, no Python loop)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny run (CI smoke test)")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.num_points, args.hidden, args.layers = 20, 64, [8], 2
+        args.batch_sizes, args.depths, args.peak_size, args.repeats = [16], [1, 2], 128, 1
+
+    data = np.asarray(
+        nflax.datasets.get("banana").sample(jax.random.key(args.seed), args.num_points)
+    )
+    peak = matmul_peak(args.peak_size, 3 if args.quick else 10)
+    print(f"machine: {machine()}", flush=True)
+    print(f"float32 matmul ({args.peak_size}²), before the runs: {peak / 1e9:.1f} GFLOP/s")
+
+    rows = []
+    for batch in args.batch_sizes:
+        batch = min(batch, args.num_points)
+        runs = {
+            "base": lambda b=batch: run_baseline(args, data, b, args.steps),
+            "ours": lambda b=batch: run_nflax(args, data, b, args.steps),
+        }
+        if args.scan_row:
+            runs["scan"] = lambda b=batch: run_baseline_scanned(args, data, b, args.steps)
+        if args.unrolled_row:
+            runs["unrolled"] = lambda b=batch: run_nflax(args, data, b, args.steps, unroll=0)
+        if args.patience_row:
+            runs["pat"] = lambda b=batch: run_nflax(
+                args, data, b, args.steps, patience=args.steps, val_fraction=0.0
+            )
+        row = dict(batch=batch, analytic=analytic_flops(args, batch))
+        for _ in range(args.repeats):  # interleaved, so that load changes hit every row alike
+            for key, fn in runs.items():
+                m = fn()
+                best = row.get(key)
+                if best is None or m["steps_per_s"] > best["steps_per_s"]:
+                    row[key] = m
+        rows.append(row)
+
+    # The peak again at the end; the faster of the two is kept (the load changes while we run).
+    peak = max(peak, matmul_peak(args.peak_size, 3 if args.quick else 10))
+    depth = None if args.quick else depth_compile(args, args.depths, data)
+    base_depth = None if args.quick else baseline_depth_compile(args, args.depths, data)
+    print(f"load after the runs: {machine().split('CPUs, ')[1].split(';')[0]}", flush=True)
+    print_table(args, rows, peak, depth, base_depth)
+
+
+def print_table(args, rows, peak, depth, base_depth) -> None:
+    md = args.markdown
+    head = [
+        "batch", "impl", "steps/s", "× baseline", "compile s", "compile+train s",
+        f"NLL@{args.steps}", "FLOP/step", "FLOP/s / peak",
+    ]  # fmt: skip
+    lines = []
+
+    def line(cells):
+        if md:
+            lines.append("| " + " | ".join(cells) + " |")
+        else:
+            lines.append("  ".join(f"{c:>15}" for c in cells))
+
+    line(head)
+    if md:
+        lines.append("|" + "|".join("---:" for _ in head) + "|")
+    for r in rows:
+        flops = r["base"]["flops"]
+        for name, key in IMPLS:
+            if key not in r:
+                continue
+            m = r[key]
+            ratio = m["steps_per_s"] / r["base"]["steps_per_s"]
+            line([
+                str(r["batch"]), name, f"{m['steps_per_s']:,.0f}", f"{ratio:.2f}×",
+                f"{m['compile_s']:.2f}", f"{m['compile_s'] + args.steps / m['steps_per_s']:.2f}",
+                f"{m['nll']:.3f}" + ("" if m.get("steps", args.steps) == args.steps else
+                                     f" ({m['steps']} steps)"),
+                f"{flops / 1e6:.2f}M", f"{flops * m['steps_per_s'] / peak:.2%}",
+            ])  # fmt: skip
+    print(f"\nfloat32 matmul peak (best of before/after the runs): {peak / 1e9:.1f} GFLOP/s")
+    print()
+    print("\n".join(lines))
+    print()
+    print(
+        "FLOP/step: XLA cost_analysis() of the baseline's compiled train step (the same model and"
+        " optimizer); analytic matmul count: "
+        + ", ".join(f"batch {r['batch']}: {r['analytic'] / 1e6:.2f}M" for r in rows)
+    )
+    a, b = args.depths
+    if depth is None:
+        print("compile vs depth: skipped (--quick)")
+        return
+    print(
+        f"compile vs depth, nflax.fit (AOT): {a} layers {depth[a]:.2f} s, {b} layers "
+        f"{depth[b]:.2f} s, ratio {depth[b] / depth[a]:.2f}×"
+    )
+    if base_depth is not None:
+        print(
+            f"compile vs depth, baseline step (AOT): {a} layers {base_depth[a]:.2f} s, {b} layers "
+            f"{base_depth[b]:.2f} s, ratio {base_depth[b] / base_depth[a]:.2f}×"
+        )
+
+
+if __name__ == "__main__":
+    main()
