@@ -212,9 +212,14 @@ class Stack(Bijection):
     masks stored as :class:`Buffer`), not in structure. State that a layer mutates during a
     call (running statistics, data-dependent initialisation) is carried out of the scan and
     written back to each layer.
+
+    ``unroll=True`` unrolls the scan into straight-line code: faster steps, compile time that
+    grows with depth. Measured on 2 CPU cores (``fit``, batch 128, see ``benchmarks/``): steps
+    20–30 % faster for realnvp (4 and 8 layers) and maf (5), 18 % for nsf (5), none for planar
+    (16); compile +0 to +4 s. Partial unrolling (2, 4) was slower than none for realnvp.
     """
 
-    def __init__(self, layers: Sequence[Bijection], *, unroll: int = 1):
+    def __init__(self, layers: Sequence[Bijection], *, unroll: int | bool = 1):
         layers = list(layers)
         if not layers:
             raise ValueError("Stack: needs at least one layer, received an empty list")
@@ -231,6 +236,10 @@ class Stack(Bijection):
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
         self.layer = nnx.merge(graphdef, stacked)
         self.num_layers = len(layers)
+        if isinstance(unroll, bool):
+            unroll = len(layers) if unroll else 1
+        if int(unroll) < 1:
+            raise ValueError(f"Stack: unroll must be ≥ 1 or a bool, received {unroll!r}")
         self.unroll = int(unroll)
         self.event_shape = tuple(layers[0].event_shape)
         self.context_dim = layers[0].context_dim
