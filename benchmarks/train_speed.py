@@ -8,7 +8,13 @@ scale ``tanh(s / e^c) · e^c``), MLP conditioners (``--hidden``, tanh), a standa
   step (loss + grad + optax update) called once per step from a Python loop that reads the loss
   every step (for its patience check); minibatches are shuffled and sliced on the host with
   numpy each step, so each step copies its batch host → device.
-* nflax: ``nflax.fit(flow, x, optimizer=optax.adam(1e-3), batch_size=..., progress=False)``.
+* nflax: ``nflax.fit(flow, x, optimizer=optax.adam(1e-3), batch_size=..., progress=False)``,
+  started from the baseline's initial weights (``--no-same-init`` for its own).
+* optional rows: ``--scan-row`` the baseline's step inside ``lax.scan`` (its compute without the
+  Python loop: the ceiling for loop-only gains), ``--unrolled-row`` fit with the layer scan
+  unrolled, ``--patience-row`` fit with a patience on the training loss.
+* ``--nll-seeds``: final NLL of both over several seeds (init and batch order), to tell a
+  difference from noise.
 
 Reported per batch size: steps/s and their ratio, compile seconds (AOT ``lower().compile()``
 for both), the NLL of the training data after the same number of steps, and the achieved FLOP/s
@@ -361,6 +367,14 @@ def main(argv=None) -> None:
         action="store_true",
         help="also time the baseline's Linen step inside lax.scan (its compute, no Python loop)",
     )
+    p.add_argument(
+        "--nll-seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also train baseline and nflax.fit from these seeds (init, batch order) and print "
+        "the spread of their final NLLs",
+    )
     p.add_argument("--quick", action="store_true", help="tiny run (CI smoke test)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = p.parse_args(argv)
@@ -405,6 +419,25 @@ def main(argv=None) -> None:
     base_depth = None if args.quick else baseline_depth_compile(args, args.depths, data)
     print(f"load after the runs: {machine().split('CPUs, ')[1].split(';')[0]}", flush=True)
     print_table(args, rows, peak, depth, base_depth)
+    if args.nll_seeds:
+        print_nll_spread(args, data)
+
+
+def print_nll_spread(args, data) -> None:
+    """Final NLL of the training data for several seeds: is a difference more than noise?"""
+    print(f"\nNLL after {args.steps} steps, seeds {args.nll_seeds} (init and batch order):")
+    for batch in args.batch_sizes:
+        batch = min(batch, args.num_points)
+        out = {}
+        for seed in args.nll_seeds:
+            a = argparse.Namespace(**{**vars(args), "seed": seed})
+            out.setdefault("baseline", []).append(run_baseline(a, data, batch, args.steps)["nll"])
+            out.setdefault("nflax.fit", []).append(run_nflax(a, data, batch, args.steps)["nll"])
+        for name, v in out.items():
+            vals = ", ".join(f"{x:.4f}" for x in v)
+            print(
+                f"  batch {batch:>6} {name:>10}: mean {np.mean(v):.4f} sd {np.std(v):.4f} ({vals})"
+            )
 
 
 def print_table(args, rows, peak, depth, base_depth) -> None:
