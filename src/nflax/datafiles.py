@@ -74,13 +74,19 @@ def check_array(arr: np.ndarray, name: str, *, dim: int | None = None) -> np.nda
     if dim is not None and arr.shape[1] != dim:
         raise DataFileError(f"data file {name}: expected {dim} column(s), received {arr.shape[1]}")
     arr = arr.astype(np.float32)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])
-        raise DataFileError(
-            f"data file {name}: {len(rows)} row(s) contain NaN or inf (first at row {int(rows[0])})"
-        )
+    problem = nonfinite_rows(arr)
+    if problem:
+        raise DataFileError(f"data file {name}: {problem}")
     return arr
+
+
+def nonfinite_rows(arr: np.ndarray) -> str | None:
+    """``"k row(s) contain NaN or inf (first at row r)"``, or ``None`` when all is finite."""
+    bad = ~np.isfinite(arr)
+    if not bad.any():
+        return None
+    rows = np.unique(np.nonzero(bad)[0])
+    return f"{len(rows)} row(s) contain NaN or inf (first at row {int(rows[0])})"
 
 
 def _read_npy(p: Path) -> np.ndarray:

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from nflax import parallel
 from nflax.bijections.base import Buffer
 from nflax.bijections.normalization import DataInit
+from nflax.datafiles import nonfinite_rows
 from nflax.distributions import Flow
 
 Array = jax.Array
@@ -97,12 +98,9 @@ def check_data(x, event_shape: tuple[int, ...], name: str = "x") -> np.ndarray:
         )
     if arr.shape[0] == 0:
         raise ValueError(f"{name}: no data points (shape {arr.shape})")
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])
-        raise ValueError(
-            f"{name}: {len(rows)} row(s) contain NaN or inf (first at row {int(rows[0])})"
-        )
+    problem = nonfinite_rows(arr)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
     return arr
 
 
@@ -550,9 +548,9 @@ def _check_context(flow: Flow, context, n: int) -> np.ndarray | None:
         raise ValueError(f"context: not a numeric array ({e})") from None
     if c.ndim != 2 or c.shape[0] != n:
         raise ValueError(f"context: expected shape ({n}, context_dim), received {c.shape}")
-    if not np.all(np.isfinite(c)):
-        rows = np.unique(np.nonzero(~np.isfinite(c))[0])
-        raise ValueError(f"context: {len(rows)} row(s) contain NaN or inf (first at row {rows[0]})")
+    problem = nonfinite_rows(c)
+    if problem:
+        raise ValueError(f"context: {problem}")
     return c
 
 
