@@ -110,18 +110,9 @@ def test_jit_matches_eager_and_gradients_finite(name):
     assert all(np.any(np.asarray(g) != 0) for g in leaves), "a parameter gets no gradient"
 
 
-KNOWN_BAD = {
-    # A log-det off by exactly log 2 at one of seven points (analytic vs jacfwd); found at the
-    # end of the session, not yet diagnosed (spline bin search at a knot is the suspect).
-    ("nsf_autoregressive", 5): "known bug: spline log-det off by log 2 at one point",
-}
-
-
 @pytest.mark.parametrize("dim", [2, 5])
 @pytest.mark.parametrize("name", sorted(CONDITIONAL))
 def test_contract_with_context(name, dim):
-    if (name, dim) in KNOWN_BAD:
-        pytest.xfail(KNOWN_BAD[(name, dim)])
     b = CONDITIONAL[name](dim, nnx.Rngs(0), 3)
     perturb(b, jax.random.key(5))
     x = _inputs(dim)

@@ -90,6 +90,22 @@ def test_log_derivative_matches_autodiff():
     np.testing.assert_allclose(ld_inv, -ld, atol=2e-3)
 
 
+def test_autodiff_derivative_at_knots_and_boundary():
+    # Regression: jnp.clip halves the gradient at a tie, so an input exactly on ±B or on a knot
+    # (ξ exactly 0 or 1) got autodiff dy/dx = g'(x)/2: a log 2 mismatch with the analytic log-det.
+    params = _params(jax.random.key(7), scale=1.5)
+    kx, ky = _edges(params)
+    below = jnp.asarray(np.nextafter(np.asarray(kx), np.float32(-np.inf)))
+    above = jnp.asarray(np.nextafter(np.asarray(kx), np.float32(np.inf)))
+    x = jnp.concatenate([kx, below[1:], above[:-1]])
+    ld = rq_spline_log_derivative(x, *params)
+    dy = jax.vmap(jax.grad(lambda v: rq_spline_forward(v, *params)[0]))(x)
+    np.testing.assert_allclose(np.log(dy), ld, atol=1e-4)
+    ld_inv = rq_spline_inverse(ky, *params)[1]
+    dx = jax.vmap(jax.grad(lambda v: rq_spline_inverse(v, *params)[0]))(ky)
+    np.testing.assert_allclose(np.log(dx), ld_inv, atol=1e-3)
+
+
 def test_round_trip_within_float32_conditioning():
     # A float32 inverse cannot beat ulp(B) / g'(x) (about 1e-3 where the spline is flat); check
     # the error against that, for parameters large enough to give very flat and very steep bins.

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nflax._numerics import clamp
 from nflax.bijections.base import Bijection, sum_event
 
 
@@ -103,7 +104,7 @@ def _init_array(layer: str, name: str, value, shape: tuple[int, ...]) -> jax.Arr
 def _clamp_open_unit(v: jax.Array, low: float) -> jax.Array:
     """Clamp into ``[low + ε, 1 − ε]`` with ``ε = finfo(dtype).eps`` (keeps logs finite)."""
     eps = jnp.finfo(v.dtype).eps
-    return jnp.clip(v, low + eps, 1.0 - eps)
+    return clamp(v, low + eps, 1.0 - eps)  # derivative 1 up to the ends (not 1/2 at ties)
 
 
 def _log_sigmoid_derivative(x: jax.Array) -> jax.Array:

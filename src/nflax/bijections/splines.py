@@ -34,6 +34,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from nflax._numerics import clamp
+
 Array = jax.Array
 
 MIN_BIN_WIDTH = 1e-3
@@ -104,6 +106,17 @@ def _check(widths: Array, heights: Array, derivatives: Array) -> None:
         )
 
 
+def _into_unit(xi: Array) -> Array:
+    """Round-off guard for the relative position ``ξ``: the value is clamped into ``[0, 1]``
+    but the derivative is that of the unclamped ``ξ``.
+
+    ``ξ`` can leave ``[0, 1]`` only by rounding (at ``±B`` or on a knot it may come out as
+    ``1 + ulp``); a plain clamp there would give autodiff a zero (or, for ``jnp.clip`` at a
+    tie, halved) ``dy/dx`` while the analytic log-det is right.
+    """
+    return xi + jax.lax.stop_gradient(jnp.clip(xi, 0.0, 1.0) - xi)
+
+
 def _gather(a: Array, idx: Array) -> Array:
     return jnp.take_along_axis(a, idx[..., None], axis=-1)[..., 0]
 
@@ -160,10 +173,10 @@ def _knots_and_derivatives(widths, heights, derivatives, bound):
 def _forward(x, widths, heights, derivatives, bound):
     kx, w, ky, h, d = _knots_and_derivatives(widths, heights, derivatives, bound)
     inside = (x >= -bound) & (x <= bound)
-    xc = jnp.clip(x, -bound, bound)  # clamp first: the tail branch never sees NaN gradients
+    xc = clamp(x, -bound, bound)  # clamp first: the tail branch never sees NaN gradients
     x0, y0, wk, hk, d0, d1 = _bin(xc, kx, w, h, d, ky)
     s = hk / wk
-    xi = jnp.clip((xc - x0) / wk, 0.0, 1.0)
+    xi = _into_unit((xc - x0) / wk)
     t = xi * (1.0 - xi)
     y = y0 + hk * (s * xi**2 + d0 * t) / (s + (d1 + d0 - 2.0 * s) * t)
     log_det = _log_slope(xi, s, d0, d1)
@@ -174,7 +187,7 @@ def _forward(x, widths, heights, derivatives, bound):
 def _inverse(y, widths, heights, derivatives, bound):
     kx, w, ky, h, d = _knots_and_derivatives(widths, heights, derivatives, bound)
     inside = (y >= -bound) & (y <= bound)
-    yc = jnp.clip(y, -bound, bound)
+    yc = clamp(y, -bound, bound)
     y0, x0, hk, wk, d0, d1 = _bin(yc, ky, h, w, d, kx)
     s = hk / wk
     dy = yc - y0
@@ -192,7 +205,7 @@ def _inverse(y, widths, heights, derivatives, bound):
     den_pos = jnp.where(pos, -b - sqrt_disc, -1.0)
     den_neg = jnp.where(pos, 1.0, 2.0 * a)
     xi = jnp.where(pos, 2.0 * c / den_pos, (sqrt_disc - b) / den_neg)
-    xi = jnp.clip(xi, 0.0, 1.0)
+    xi = _into_unit(xi)
     x = x0 + xi * wk
     log_det = -_log_slope(xi, s, d0, d1)
     return jnp.where(inside, x, y), jnp.where(inside, log_det, 0.0)
