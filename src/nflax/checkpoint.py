@@ -70,9 +70,9 @@ def save(path: str | os.PathLike, flow: Flow) -> Path:
         state = nnx.to_pure_dict(nnx.state(flow))
         if multi:  # replicated values: host copies, which orbax writes once
             state = jax.tree.map(np.asarray, state)
-        ck = _checkpointer()
-        ck.save(tmp / "state", state)
-        ck.wait_until_finished()
+        with _checkpointer() as ck:  # closing it stops orbax's background threads
+            ck.save(tmp / "state", state)
+            ck.wait_until_finished()
         if not primary:
             _sync("nflax-save-done")
             return path
@@ -132,7 +132,8 @@ def load(path: str | os.PathLike) -> Flow:
         raise CheckpointError(f"{path}: cannot rebuild the flow from its spec: {e}") from None
     target = nnx.to_pure_dict(nnx.state(flow))
     try:
-        restored = _checkpointer().restore(path / "state", target)
+        with _checkpointer() as ck:
+            restored = ck.restore(path / "state", target)
     except Exception as e:  # orbax raises many types for truncated or mismatched files
         raise CheckpointError(f"{path}: cannot read the saved state: {e}") from None
     want = jax.tree.map(lambda a: (a.shape, a.dtype), target)

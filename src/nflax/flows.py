@@ -74,6 +74,7 @@ def realnvp(
     _check_dim("realnvp", dim, num_layers)
     dim, num_layers = int(dim), int(num_layers)
     hidden = tuple(int(h) for h in hidden)
+    context_dim = _context_dim("realnvp", context_dim)
     cin = dim + (context_dim or 0)
 
     def block(i: int) -> Bijection:
@@ -208,6 +209,20 @@ def _autoregressive_layers(
     ]
 
 
+def _autoregressive_flow(name, dim, num_layers, hidden, context_dim, rngs, *, invert):
+    """maf (``invert=False``) or iaf (every layer inverted), with its spec."""
+    layers = _autoregressive_layers(name, dim, num_layers, hidden, context_dim, rngs)
+    spec = _spec(
+        name,
+        dim=int(dim),
+        num_layers=int(num_layers),
+        hidden=[int(h) for h in hidden],
+        context_dim=layers[0].context_dim,
+    )
+    bijection = Stack([Invert(b) for b in layers] if invert else layers)
+    return Flow(StandardNormal(int(dim)), bijection, spec=spec)
+
+
 @register
 def maf(
     dim: int,
@@ -228,15 +243,7 @@ def maf(
     >>> flow.log_prob(jnp.zeros((3, 2))).shape
     (3,)
     """
-    layers = _autoregressive_layers("maf", dim, num_layers, hidden, context_dim, rngs)
-    spec = _spec(
-        "maf",
-        dim=int(dim),
-        num_layers=int(num_layers),
-        hidden=[int(h) for h in hidden],
-        context_dim=layers[0].context_dim,
-    )
-    return Flow(StandardNormal(int(dim)), Stack(layers), spec=spec)
+    return _autoregressive_flow("maf", dim, num_layers, hidden, context_dim, rngs, invert=False)
 
 
 @register
@@ -259,15 +266,7 @@ def iaf(
     >>> flow.sample(jax.random.key(0), 4).shape
     (4, 2)
     """
-    layers = _autoregressive_layers("iaf", dim, num_layers, hidden, context_dim, rngs)
-    spec = _spec(
-        "iaf",
-        dim=int(dim),
-        num_layers=int(num_layers),
-        hidden=[int(h) for h in hidden],
-        context_dim=layers[0].context_dim,
-    )
-    return Flow(StandardNormal(int(dim)), Stack([Invert(b) for b in layers]), spec=spec)
+    return _autoregressive_flow("iaf", dim, num_layers, hidden, context_dim, rngs, invert=True)
 
 
 @register

@@ -444,22 +444,26 @@ def fit(
             "val_fraction": float(val_fraction),
             "batch_size": bsz,
         }
-        leaves, treedef = jax.tree.flatten(carry)
-        if ckpt.latest_step() is not None:
-            if not resume:
-                raise ValueError(
-                    f"fit: {ckpt.directory} already holds training checkpoints; pass "
-                    f"resume=True to continue that run, or choose an empty checkpoint_dir"
-                )
-            if ckpt.record().get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"fit: the checkpoints in {ckpt.directory} come from a run with other data, "
-                    f"key, val_fraction or batch size; cannot resume"
-                )
-            saved, record = ckpt.restore(leaves)
-            carry = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved])
-            losses.append(np.asarray(record["loss"], np.float32))
-            vals.append(np.asarray(record["val"], np.float32))
+        try:  # a refused resume must not leave orbax's threads running
+            leaves, treedef = jax.tree.flatten(carry)
+            if ckpt.latest_step() is not None:
+                if not resume:
+                    raise ValueError(
+                        f"fit: {ckpt.directory} already holds training checkpoints; pass "
+                        f"resume=True to continue that run, or choose an empty checkpoint_dir"
+                    )
+                if ckpt.record().get("fingerprint") != fingerprint:
+                    raise ValueError(
+                        f"fit: the checkpoints in {ckpt.directory} come from a run with other "
+                        f"data, key, val_fraction or batch size; cannot resume"
+                    )
+                saved, record = ckpt.restore(leaves)
+                carry = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved])
+                losses.append(np.asarray(record["loss"], np.float32))
+                vals.append(np.asarray(record["val"], np.float32))
+        except BaseException:
+            ckpt.close()
+            raise
 
     def save_checkpoint():
         if ckpt is None:
@@ -478,32 +482,34 @@ def fit(
     stop_reason = "steps"
     start_step = int(carry["step"])
     t0 = time.perf_counter()
-    while True:
-        carry, (loss_c, val_c) = compiled(carry, *args)
-        step, status = int(carry["step"]), int(carry["status"])
-        losses.append(np.asarray(loss_c))
-        vals.append(np.asarray(val_c))
-        elapsed = time.perf_counter() - t0
-        rate = (step - start_step) / elapsed if elapsed > 0 else float("nan")
-        last_loss = _last_finite(losses[-1])
-        last_val = _last_finite(vals[-1]) if has_val else None
-        bar.update(step, last_loss, last_val, rate)
-        save_checkpoint()
-        if status != _RUNNING:
-            stop_reason = _REASONS[status]
-            break
-        if step >= steps:
-            break
-        if callback is not None and callback(
-            step, {"loss": last_loss, "val_loss": last_val, "steps_per_second": rate}
-        ):
-            stop_reason = "callback"
-            break
-    jax.block_until_ready(carry)
+    try:
+        while True:
+            carry, (loss_c, val_c) = compiled(carry, *args)
+            step, status = int(carry["step"]), int(carry["status"])
+            losses.append(np.asarray(loss_c))
+            vals.append(np.asarray(val_c))
+            elapsed = time.perf_counter() - t0
+            rate = (step - start_step) / elapsed if elapsed > 0 else float("nan")
+            last_loss = _last_finite(losses[-1])
+            last_val = _last_finite(vals[-1]) if has_val else None
+            bar.update(step, last_loss, last_val, rate)
+            save_checkpoint()
+            if status != _RUNNING:
+                stop_reason = _REASONS[status]
+                break
+            if step >= steps:
+                break
+            if callback is not None and callback(
+                step, {"loss": last_loss, "val_loss": last_val, "steps_per_second": rate}
+            ):
+                stop_reason = "callback"
+                break
+        jax.block_until_ready(carry)
+    finally:
+        bar.close()
+        if ckpt is not None:
+            ckpt.close()
     train_seconds = time.perf_counter() - t0
-    bar.close()
-    if ckpt is not None:
-        ckpt.close()
 
     loss_all = np.concatenate(losses)
     val_all = np.concatenate(vals)
