@@ -61,6 +61,7 @@ def test_sample_from_a_run(default_run, tmp_path, suffix):
         (["train", "--steps", "-3"], "expected a positive integer, got '-3'"),
         (["train", "--lr", "abc"], "expected a positive number, got 'abc'"),
         (["train", "--flow", "nope"], "unknown flow 'nope'; known flows:"),
+        (["train", "--embedding", "8", "2"], "--embedding needs --conditional"),
         (["sample", "/nonexistent/run", "-o", "x.npy"], "run folder /nonexistent/run does not"),
         (["sample", ".", "-o", "x.txt"], "must end in .npy or .csv"),
         (["frobnicate"], "invalid choice"),
@@ -105,10 +106,11 @@ def test_more_points_close_the_gap(tmp_path):
 def test_conditional_run(tmp_path):
     out = tmp_path / "cond"
     args = ["train", "--conditional", "--steps", "60", "--layers", "2", "--hidden", "16"]
-    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    assert main([*args, "--embedding", "8", "2", "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dataset"] == "conditional_banana" and cfg["flow_kwargs"]["context_dim"] == 1
+    assert cfg["flow_kwargs"]["embedding"] == [8, 2]
     assert np.isfinite(m["test_nll"]) and np.isfinite(m["true_nll"])
     for name in ["samples.png", "loss.png", "history.csv", "flow/nflax.json"]:
         assert (out / name).is_file(), name

@@ -66,8 +66,10 @@ def test_context_errors():
         flow.log_prob(x, jnp.zeros((4, 3)))
     with pytest.raises(ValueError, match="conditional; pass context"):
         nflax.fit(flow, x, key=jax.random.key(0), steps=2)
-    with pytest.raises(ValueError, match=r"expected shape \(4, context_dim\)"):
+    with pytest.raises(ValueError, match=r"expected shape \(4, 1\)"):
         nflax.fit(flow, x, context=np.zeros((3, 1)), key=jax.random.key(0), steps=2)
+    with pytest.raises(ValueError, match=r"expected shape \(4, 1\), received \(4, 2\)"):
+        nflax.fit(flow, x, context=np.zeros((4, 2)), key=jax.random.key(0), steps=2)
     with pytest.raises(ValueError, match="NaN"):
         nflax.fit(flow, x, context=np.full((4, 1), np.nan), key=jax.random.key(0), steps=2)
 
@@ -84,6 +86,44 @@ def test_embedding_network_is_trained():
     )
     assert np.all(np.isfinite(hist.loss))
     assert not np.allclose(before, np.asarray(flow.embedding.out.kernel[...]))
+
+
+@pytest.mark.parametrize("name", ["realnvp", "nice", "maf", "iaf", "nsf", "planar"])
+def test_constructor_embedding_saves_and_loads(name, tmp_path):
+    # embedding=(8, 2): an MLP maps the raw 3-dim context through 8 hidden units to 2 features
+    flow = nflax.flows.build(
+        name, dim=2, num_layers=2, context_dim=3, embedding=(8, 2), rngs=nnx.Rngs(0)
+    )
+    assert flow.context_dim == 3 and flow.feature_dim == 2
+    assert flow.embedding.in_features == 3 and flow.embedding.out_features == 2
+    perturb(flow, jax.random.key(3), scale=0.2)
+    x = jax.random.normal(jax.random.key(0), (5, 2))
+    c = jax.random.normal(jax.random.key(1), (5, 3))
+    lp = flow.log_prob(x, c)
+    assert np.all(np.isfinite(lp))
+    # the embedding matters: other contexts give other densities
+    assert not np.allclose(lp, flow.log_prob(x, c + 1.0))
+    nflax.save(tmp_path / "f", flow)
+    back = nflax.load(tmp_path / "f")
+    np.testing.assert_array_equal(back.log_prob(x, c), lp)
+    with pytest.raises(ValueError, match=r"context of shape \(\*batch, 3\) for the embedding"):
+        flow.log_prob(x, c[:, :2])
+
+
+def test_embedding_argument_errors():
+    with pytest.raises(ValueError, match="embedding network needs context_dim"):
+        nflax.flows.realnvp(2, embedding=(4,), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="positive layer sizes"):
+        nflax.flows.maf(2, context_dim=1, embedding=(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="positive layer sizes"):
+        nflax.flows.nsf(2, context_dim=1, embedding=(4, 0), rngs=nnx.Rngs(0))
+    plain = nflax.flows.realnvp(2, num_layers=2, rngs=nnx.Rngs(0))
+    emb = MLP(1, 2, hidden=(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="needs conditional layers"):
+        Flow(plain.base, plain.bijection, embedding=emb)
+    cond = nflax.flows.realnvp(2, num_layers=2, context_dim=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="gives 2 features, the layers expect context_dim 3"):
+        Flow(cond.base, cond.bijection, embedding=emb)
 
 
 def test_minibatches_keep_rows_and_context_together():

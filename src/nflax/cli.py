@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a conditional flow p(x | c) on a conditional set (default conditional_banana)",
     )
     t.add_argument(
+        "--embedding",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        metavar="SIZE",
+        help="with --conditional: an MLP embedding of the context, its layer sizes (the last is "
+        "the number of features the layers see), e.g. --embedding 32 8",
+    )
+    t.add_argument(
         "--devices",
         choices=["all"],
         default=None,
@@ -316,6 +325,10 @@ def _train(args) -> int:
         if "context_dim" not in inspect.signature(flows.CONSTRUCTORS[args.flow]).parameters:
             raise UsageError(f"flow {args.flow!r} has no conditional form")
         config["flow_kwargs"]["context_dim"] = cds.context_dim
+        if args.embedding is not None:
+            config["flow_kwargs"]["embedding"] = list(args.embedding)
+    elif args.embedding is not None:
+        raise UsageError("--embedding needs --conditional (it embeds the context)")
     out = Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     from nflax import parallel
 

@@ -298,7 +298,8 @@ class Flow(nnx.Module):
 
     A conditional flow takes ``context`` rows of shape ``(*batch, context_dim)``. An optional
     ``embedding`` network maps the raw context to features once per call; the features go to
-    every layer and to the base distribution.
+    every layer and to the base distribution. ``context_dim`` is the raw context's size (the
+    embedding's ``in_features``), ``feature_dim`` what the layers see.
 
     ``spec`` (set by the constructors in :mod:`nflax.flows`) records how to rebuild the flow:
     a JSON string with the constructor name and its keyword arguments.
@@ -327,6 +328,18 @@ class Flow(nnx.Module):
             raise ValueError(f"Flow: bijection and base disagree on context_dim: {sorted(dims)}")
         self.feature_dim = dims.pop() if dims else None
         self.is_conditional = self.feature_dim is not None
+        if embedding is not None and not self.is_conditional:
+            raise ValueError("Flow: an embedding network needs conditional layers or base")
+        out = getattr(embedding, "out_features", None)
+        if out is not None and out != self.feature_dim:
+            raise ValueError(
+                f"Flow: the embedding network gives {out} features, the layers expect "
+                f"context_dim {self.feature_dim}"
+            )
+        # The raw context's size: the embedding's input size when it declares one.
+        self.context_dim = (
+            getattr(embedding, "in_features", None) if embedding is not None else self.feature_dim
+        )
 
     def _features(self, context: Array | None) -> Array | None:
         if not self.is_conditional:
@@ -336,7 +349,16 @@ class Flow(nnx.Module):
         if context is None:
             raise ValueError("Flow: this flow is conditional and needs a context; received none")
         context = jnp.asarray(context)
-        return self.embedding(context) if self.embedding is not None else context
+        if self.embedding is None:
+            return context
+        if self.context_dim is not None and (
+            context.ndim < 1 or context.shape[-1] != self.context_dim
+        ):
+            raise ValueError(
+                f"Flow: expected a context of shape (*batch, {self.context_dim}) for the "
+                f"embedding network, received shape {context.shape}"
+            )
+        return self.embedding(context)
 
     def log_prob(self, x: Array, context: Array | None = None) -> Array:
         """``log p(x [| context])`` for ``x`` of shape ``(*batch, *event_shape)``."""

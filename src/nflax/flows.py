@@ -1,4 +1,11 @@
-"""Ready-made flows. Each constructor records its own arguments so a checkpoint can rebuild it."""
+"""Ready-made flows. Each constructor records its own arguments so a checkpoint can rebuild it.
+
+Every constructor takes ``context_dim=`` (the size of the raw context; ``None``: an
+unconditional flow) and ``embedding=``: the layer sizes of an MLP (tanh, last layer linear)
+that maps the raw context to features once per call, e.g. ``(32, 8)`` gives
+``context_dim → 32 → 8`` and the layers (and a conditional base) see 8 features. Both are in
+the spec, so :func:`nflax.load` rebuilds the embedding with the flow.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ def realnvp(
     leaky_relu: bool = False,
     actnorm: bool = False,
     context_dim: int | None = None,
+    embedding: Sequence[int] | None = None,
     rngs: nnx.Rngs,
 ) -> Flow:
     """RealNVP (Dinh et al. 2017): affine couplings with alternating masks, as in the tutorial.
@@ -74,12 +82,12 @@ def realnvp(
     _check_dim("realnvp", dim, num_layers)
     dim, num_layers = int(dim), int(num_layers)
     hidden = tuple(int(h) for h in hidden)
-    context_dim = _context_dim("realnvp", context_dim)
-    cin = dim + (context_dim or 0)
+    cond = _Conditioning("realnvp", context_dim, embedding, rngs)
+    cin = dim + (cond.features or 0)
 
     def block(i: int) -> Bijection:
         net = MLP(cin, 2 * dim, hidden=hidden, rngs=rngs)
-        layer = AffineCoupling(alternating_mask(dim, i % 2), net, context_dim=context_dim)
+        layer = AffineCoupling(alternating_mask(dim, i % 2), net, context_dim=cond.features)
         return Chain([layer, LeakyReLU(dim)]) if leaky_relu else layer
 
     bijection = Stack([block(i) for i in range(num_layers)])
@@ -92,14 +100,19 @@ def realnvp(
         hidden=list(hidden),
         leaky_relu=bool(leaky_relu),
         actnorm=bool(actnorm),
-        context_dim=context_dim,
+        **cond.spec(),
     )
-    return Flow(StandardNormal(dim), bijection, spec=spec)
+    return Flow(StandardNormal(dim), bijection, embedding=cond.net, spec=spec)
 
 
 @register
 def planar(
-    dim: int, *, num_layers: int = 16, context_dim: int | None = None, rngs: nnx.Rngs
+    dim: int,
+    *,
+    num_layers: int = 16,
+    context_dim: int | None = None,
+    embedding: Sequence[int] | None = None,
+    rngs: nnx.Rngs,
 ) -> Flow:
     """Planar flow (Rezende & Mohamed 2015): ``num_layers`` :class:`~nflax.bijections.Planar`.
 
@@ -115,15 +128,15 @@ def planar(
     """
     _check_dim("planar", dim, num_layers)
     dim, num_layers = int(dim), int(num_layers)
+    cond = _Conditioning("planar", context_dim, embedding, rngs)
     bijection = Stack([Planar(dim, rngs=rngs) for _ in range(num_layers)])
-    context_dim = _context_dim("planar", context_dim)
-    spec = _spec("planar", dim=dim, num_layers=num_layers, context_dim=context_dim)
+    spec = _spec("planar", dim=dim, num_layers=num_layers, **cond.spec())
     base = (
         StandardNormal(dim)
-        if context_dim is None
-        else ConditionalDiagNormal(dim, context_dim, rngs=rngs)
+        if cond.features is None
+        else ConditionalDiagNormal(dim, cond.features, rngs=rngs)
     )
-    return Flow(base, bijection, spec=spec)
+    return Flow(base, bijection, embedding=cond.net, spec=spec)
 
 
 def _context_dim(name: str, context_dim: int | None) -> int | None:
@@ -132,6 +145,43 @@ def _context_dim(name: str, context_dim: int | None) -> int | None:
     if int(context_dim) < 1:
         raise ValueError(f"{name}: context_dim must be ≥ 1 or None, received {context_dim}")
     return int(context_dim)
+
+
+class _Conditioning:
+    """A constructor's context handling: the raw ``context_dim``, an optional embedding MLP
+    (``embedding`` = its layer sizes, the last one the number of features) and the feature
+    size the layers and the base see."""
+
+    def __init__(self, name: str, context_dim, embedding, rngs: nnx.Rngs):
+        self.context_dim = _context_dim(name, context_dim)
+        self.sizes = None if embedding is None else [int(s) for s in embedding]
+        self.net = None
+        self.features = self.context_dim
+        if self.sizes is None:
+            return
+        if self.context_dim is None:
+            raise ValueError(f"{name}: an embedding network needs context_dim")
+        if not self.sizes or min(self.sizes) < 1:
+            raise ValueError(
+                f"{name}: embedding must be a non-empty list of positive layer sizes, "
+                f"received {list(embedding)}"
+            )
+        # Not zero-initialised: the features must carry the context from the first step.
+        self.net = MLP(
+            self.context_dim,
+            self.sizes[-1],
+            hidden=self.sizes[:-1],
+            zero_init_output=False,
+            rngs=rngs,
+        )
+        self.features = self.sizes[-1]
+
+    def spec(self) -> dict:
+        """The spec entries: ``context_dim``, and ``embedding`` when there is one."""
+        out = {"context_dim": self.context_dim}
+        if self.sizes is not None:
+            out["embedding"] = self.sizes
+        return out
 
 
 def _coupling_mask(dim: int, i: int):
@@ -154,6 +204,7 @@ def nice(
     num_layers: int = 4,
     hidden: Sequence[int] = (64, 64),
     context_dim: int | None = None,
+    embedding: Sequence[int] | None = None,
     rngs: nnx.Rngs,
 ) -> Flow:
     """NICE (Dinh et al. 2015): additive couplings with alternating masks, then a diagonal scale.
@@ -170,23 +221,22 @@ def nice(
     _check_dim("nice", dim, num_layers)
     dim, num_layers = int(dim), int(num_layers)
     hidden = tuple(int(h) for h in hidden)
-    context_dim = _context_dim("nice", context_dim)
-    cin = dim + (context_dim or 0)
+    cond = _Conditioning("nice", context_dim, embedding, rngs)
+    cin = dim + (cond.features or 0)
     couplings = [
         AdditiveCoupling(
-            _coupling_mask(dim, i), MLP(cin, dim, hidden=hidden, rngs=rngs), context_dim=context_dim
+            _coupling_mask(dim, i),
+            MLP(cin, dim, hidden=hidden, rngs=rngs),
+            context_dim=cond.features,
         )
         for i in range(num_layers)
     ]
     bijection = Chain([Stack(couplings), Affine(dim)])
-    spec = _spec(
-        "nice", dim=dim, num_layers=num_layers, hidden=list(hidden), context_dim=context_dim
-    )
-    return Flow(StandardNormal(dim), bijection, spec=spec)
+    spec = _spec("nice", dim=dim, num_layers=num_layers, hidden=list(hidden), **cond.spec())
+    return Flow(StandardNormal(dim), bijection, embedding=cond.net, spec=spec)
 
 
 def _autoregressive_layers(
-    name: str,
     dim: int,
     num_layers: int,
     hidden: Sequence[int],
@@ -194,8 +244,6 @@ def _autoregressive_layers(
     rngs: nnx.Rngs,
     **transformer,
 ) -> list[MaskedAutoregressive]:
-    _check_dim(name, dim, num_layers)
-    context_dim = _context_dim(name, context_dim)
     return [
         MaskedAutoregressive(
             int(dim),
@@ -209,18 +257,20 @@ def _autoregressive_layers(
     ]
 
 
-def _autoregressive_flow(name, dim, num_layers, hidden, context_dim, rngs, *, invert):
+def _autoregressive_flow(name, dim, num_layers, hidden, context_dim, embedding, rngs, *, invert):
     """maf (``invert=False``) or iaf (every layer inverted), with its spec."""
-    layers = _autoregressive_layers(name, dim, num_layers, hidden, context_dim, rngs)
+    _check_dim(name, dim, num_layers)
+    cond = _Conditioning(name, context_dim, embedding, rngs)
+    layers = _autoregressive_layers(dim, num_layers, hidden, cond.features, rngs)
     spec = _spec(
         name,
         dim=int(dim),
         num_layers=int(num_layers),
         hidden=[int(h) for h in hidden],
-        context_dim=layers[0].context_dim,
+        **cond.spec(),
     )
     bijection = Stack([Invert(b) for b in layers] if invert else layers)
-    return Flow(StandardNormal(int(dim)), bijection, spec=spec)
+    return Flow(StandardNormal(int(dim)), bijection, embedding=cond.net, spec=spec)
 
 
 @register
@@ -230,6 +280,7 @@ def maf(
     num_layers: int = 5,
     hidden: Sequence[int] = (64, 64),
     context_dim: int | None = None,
+    embedding: Sequence[int] | None = None,
     rngs: nnx.Rngs,
 ) -> Flow:
     """Masked autoregressive flow (Papamakarios et al. 2017) with affine transformers.
@@ -243,7 +294,9 @@ def maf(
     >>> flow.log_prob(jnp.zeros((3, 2))).shape
     (3,)
     """
-    return _autoregressive_flow("maf", dim, num_layers, hidden, context_dim, rngs, invert=False)
+    return _autoregressive_flow(
+        "maf", dim, num_layers, hidden, context_dim, embedding, rngs, invert=False
+    )
 
 
 @register
@@ -253,6 +306,7 @@ def iaf(
     num_layers: int = 5,
     hidden: Sequence[int] = (64, 64),
     context_dim: int | None = None,
+    embedding: Sequence[int] | None = None,
     rngs: nnx.Rngs,
 ) -> Flow:
     """Inverse autoregressive flow (Kingma et al. 2016): :func:`maf`'s layers, each inverted.
@@ -266,7 +320,9 @@ def iaf(
     >>> flow.sample(jax.random.key(0), 4).shape
     (4, 2)
     """
-    return _autoregressive_flow("iaf", dim, num_layers, hidden, context_dim, rngs, invert=True)
+    return _autoregressive_flow(
+        "iaf", dim, num_layers, hidden, context_dim, embedding, rngs, invert=True
+    )
 
 
 @register
@@ -280,6 +336,7 @@ def nsf(
     bound: float = 3.0,
     actnorm: bool = False,
     context_dim: int | None = None,
+    embedding: Sequence[int] | None = None,
     rngs: nnx.Rngs,
 ) -> Flow:
     """Neural spline flow (Durkan et al. 2019): rational-quadratic splines on ``[-bound, bound]``
@@ -305,21 +362,20 @@ def nsf(
         raise ValueError(f"nsf: expected bins ≥ 2 and bound > 0, received {bins} and {bound}")
     dim, num_layers, bins, bound = int(dim), int(num_layers), int(bins), float(bound)
     hidden = tuple(int(h) for h in hidden)
+    _check_dim("nsf", dim, num_layers)
+    cond = _Conditioning("nsf", context_dim, embedding, rngs)
     if variant == "autoregressive":
         spline = {"transformer": "spline", "bins": bins, "bound": bound}
-        layers = _autoregressive_layers("nsf", dim, num_layers, hidden, context_dim, rngs, **spline)
-        context_dim = layers[0].context_dim
+        layers = _autoregressive_layers(dim, num_layers, hidden, cond.features, rngs, **spline)
     else:
-        _check_dim("nsf", dim, num_layers)
-        context_dim = _context_dim("nsf", context_dim)
         cout = dim * num_spline_params(bins)
         layers = [
             SplineCoupling(
                 _coupling_mask(dim, i),
-                MLP(dim + (context_dim or 0), cout, hidden=hidden, rngs=rngs),
+                MLP(dim + (cond.features or 0), cout, hidden=hidden, rngs=rngs),
                 bins=bins,
                 bound=bound,
-                context_dim=context_dim,
+                context_dim=cond.features,
             )
             for i in range(num_layers)
         ]
@@ -332,9 +388,9 @@ def nsf(
         bins=bins,
         bound=bound,
         actnorm=bool(actnorm),
-        context_dim=context_dim,
+        **cond.spec(),
     )
     bijection = Stack(layers)
     if actnorm:
         bijection = Chain([ActNorm(dim), bijection])
-    return Flow(StandardNormal(dim), bijection, spec=spec)
+    return Flow(StandardNormal(dim), bijection, embedding=cond.net, spec=spec)

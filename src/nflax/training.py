@@ -552,8 +552,10 @@ def _check_context(flow: Flow, context, n: int) -> np.ndarray | None:
         c = np.asarray(context, dtype=np.float32)
     except (TypeError, ValueError) as e:
         raise ValueError(f"context: not a numeric array ({e})") from None
-    if c.ndim != 2 or c.shape[0] != n:
-        raise ValueError(f"context: expected shape ({n}, context_dim), received {c.shape}")
+    want = getattr(flow, "context_dim", None)
+    if c.ndim != 2 or c.shape[0] != n or (want is not None and c.shape[1] != want):
+        cols = "context_dim" if want is None else want
+        raise ValueError(f"context: expected shape ({n}, {cols}), received {c.shape}")
     problem = nonfinite_rows(c)
     if problem:
         raise ValueError(f"context: {problem}")
