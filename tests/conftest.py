@@ -1,5 +1,8 @@
 import os
 
+# a script run by test_parallel, not a test module (importing it would start a worker)
+collect_ignore = ["parallel_worker.py"]
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import jax  # noqa: E402

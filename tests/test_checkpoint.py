@@ -245,6 +245,7 @@ BAD_FILES = [
     ("ragged.csv", "1,2\n3\n", "line 2: 1 column"),
     ("nan.csv", "1,2\nnan,4\n", "NaN or inf"),
     ("inf.npy", np.array([[1.0, np.inf]]), "NaN or inf"),
+    ("huge.csv", "1,2\n3,4\n5,1e39\n", r"1 row\(s\) hold values beyond float32's range"),
     ("cube.npy", np.zeros((2, 2, 2)), "expected a 2D array"),
     ("none.npy", np.zeros((0, 2)), "no data points"),
     ("strings.npy", np.array([["a", "b"]]), "expected numbers"),

@@ -73,11 +73,17 @@ def check_array(arr: np.ndarray, name: str, *, dim: int | None = None) -> np.nda
         raise DataFileError(f"data file {name}: contains no data points (shape {arr.shape})")
     if dim is not None and arr.shape[1] != dim:
         raise DataFileError(f"data file {name}: expected {dim} column(s), received {arr.shape[1]}")
-    arr = arr.astype(np.float32)
     problem = nonfinite_rows(arr)
     if problem:
         raise DataFileError(f"data file {name}: {problem}")
-    return arr
+    big = np.abs(arr) > np.finfo(np.float32).max  # would become inf in float32
+    if big.any():
+        rows = np.unique(np.nonzero(big)[0])
+        raise DataFileError(
+            f"data file {name}: {len(rows)} row(s) hold values beyond float32's range "
+            f"(±3.4e38; first at row {int(rows[0])})"
+        )
+    return arr.astype(np.float32)
 
 
 def nonfinite_rows(arr: np.ndarray) -> str | None:
