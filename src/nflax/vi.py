@@ -55,6 +55,7 @@ from nflax.training import (
     _positive_int,
     _Progress,
     _tree_where,
+    run_chunk,
 )
 
 Array = jax.Array
@@ -296,14 +297,7 @@ def fit_vi(
         return new, out
 
     def chunk(carry, total):
-        def body(c, _):
-            active = (c["status"] == _RUNNING) & (c["step"] < total)
-            nan = jnp.float32(jnp.nan)
-            return jax.lax.cond(
-                active, lambda c: do_step(c, total), lambda c: (c, (nan, nan, nan)), c
-            )
-
-        return jax.lax.scan(body, carry, None, length=chunk_size)
+        return run_chunk(lambda c: do_step(c, total), carry, total, chunk_size, 3)
 
     carry = dict(
         params=params,
