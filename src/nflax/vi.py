@@ -15,10 +15,10 @@ reparameterised: the gradient flows through the inverse pass ``x = f_θ⁻¹(z)`
   in expectation). The gradient's variance then vanishes as ``q → p``. It costs one extra
   forward (data → latent) pass per step.
 
-The engine is :func:`nflax.fit`'s: one jitted ``jax.lax.scan`` per chunk of steps, the flow
+The engine is :func:`nflax.fit`'s: one jitted ``jax.lax.while_loop`` per chunk of steps, the flow
 split into ``(graphdef, params, frozen, rest)`` once (masks and initialisation state enter as
 constants), fresh samples drawn inside the compiled loop from ``fold_in(key, step)``, a NaN
-guard in the scanned state, Python awake between chunks.
+guard in the loop state, Python awake between chunks.
 
 Diagnostics use importance weights ``w = p̃(x)/q(x)``, ``x ~ q``:
 ``log Z ≈ log mean w`` (``mean w`` is unbiased for ``Z``; its log is, in expectation, a lower
