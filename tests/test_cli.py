@@ -112,5 +112,5 @@ def test_conditional_run(tmp_path):
     assert cfg["dataset"] == "conditional_banana" and cfg["flow_kwargs"]["context_dim"] == 1
     assert cfg["flow_kwargs"]["embedding"] == [8, 2]
     assert np.isfinite(m["test_nll"]) and np.isfinite(m["true_nll"])
-    for name in ["samples.png", "loss.png", "history.csv", "flow/nflax.json"]:
+    for name in ["samples.png", "density.png", "loss.png", "history.csv", "flow/nflax.json"]:
         assert (out / name).is_file(), name

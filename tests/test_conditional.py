@@ -74,6 +74,32 @@ def test_context_errors():
         nflax.fit(flow, x, context=np.full((4, 1), np.nan), key=jax.random.key(0), steps=2)
 
 
+def test_conditional_density_grid_and_plot():
+    flow = _cflow(base=True)
+    perturb(flow, jax.random.key(4), scale=0.1)
+    ctx = np.array([0.7], np.float32)
+    xs, ys, logp = nflax.plotting.density_grid(flow, (-12, 12), (-12, 12), 300, context=ctx)
+    cell = (xs[1] - xs[0]) * (ys[1] - ys[0])
+    assert abs(float(np.exp(logp).sum() * cell) - 1.0) < 0.01
+    point = jnp.array([[xs[17], ys[40]]], jnp.float32)
+    np.testing.assert_allclose(logp[40, 17], flow.log_prob(point, ctx[None])[0], rtol=1e-5)
+
+    ds = nflax.datasets.get_conditional("conditional_banana")
+    contexts = np.array([[0.5], [1.0], [1.5]], np.float32)
+    fig = nflax.plotting.plot_conditional_density(
+        flow, contexts, xlim=(-5, 20), ylim=(-8, 8), resolution=40, true_log_prob=ds.log_prob
+    )
+    images = [ax.images[0].get_array() for ax in fig.axes]
+    assert len(images) == 6  # learned and true, for each of three contexts
+    _, _, lp = nflax.plotting.density_grid(flow, (-5, 20), (-8, 8), 40, context=contexts[2])
+    np.testing.assert_allclose(images[2], np.exp(lp), rtol=1e-5)  # row 1 = learned
+    assert not np.allclose(images[3], images[5])  # the true density changes with the context
+    with pytest.raises(ValueError, match=r"contexts must be rows"):
+        nflax.plotting.plot_conditional_density(flow, [0.5, 1.0], xlim=(0, 1), ylim=(0, 1))
+    with pytest.raises(ValueError, match="give data or both"):
+        nflax.plotting.plot_conditional_density(flow, contexts)
+
+
 def test_embedding_network_is_trained():
     emb = MLP(3, 2, hidden=(8,), zero_init_output=False, rngs=nnx.Rngs(5))
     flow = _cflow(context_dim=2, embedding=emb)

@@ -501,6 +501,11 @@ def _conditional_plots(out: Path, flow, ds, history, key) -> None:
     ]
     fig = plotting.plot_conditional_samples(flow, keys[0], contexts, 1000, reference=reference)
     fig.savefig(out / "samples.png", dpi=110)
+    if ds.dim == 2:  # one grid for every context, spanning all the reference samples
+        fig = plotting.plot_conditional_density(
+            flow, contexts, data=np.concatenate(reference), true_log_prob=ds.log_prob
+        )
+        fig.savefig(out / "density.png", dpi=110)
     plotting.plot_history(history).savefig(out / "loss.png", dpi=110)
 
 

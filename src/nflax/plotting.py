@@ -94,16 +94,28 @@ def plot_trajectory(
 
 
 def density_grid(
-    flow: Flow, xlim: tuple[float, float], ylim: tuple[float, float], resolution: int = 200
+    flow: Flow,
+    xlim: tuple[float, float],
+    ylim: tuple[float, float],
+    resolution: int = 200,
+    context: Array | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``log p`` of a 2D flow on a regular grid: returns ``(xs, ys, logp[ys, xs])``."""
+    """``log p`` of a 2D flow on a regular grid: returns ``(xs, ys, logp[ys, xs])``.
+
+    For a conditional flow, ``context`` is one context row (shape ``(context_dim,)``), used at
+    every grid point.
+    """
     if flow.event_shape != (2,):
         raise ValueError(f"density_grid: needs a 2D flow, received event shape {flow.event_shape}")
     xs = np.linspace(*xlim, resolution)
     ys = np.linspace(*ylim, resolution)
     grid = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2).astype(np.float32)
-    logp = np.asarray(jax.jit(flow.log_prob)(grid)).reshape(resolution, resolution)
-    return xs, ys, logp
+    if context is None:
+        logp = jax.jit(flow.log_prob)(grid)
+    else:
+        c = jnp.broadcast_to(jnp.asarray(context, jnp.float32), (grid.shape[0], np.size(context)))
+        logp = jax.jit(flow.log_prob)(grid, c)
+    return xs, ys, np.asarray(logp).reshape(resolution, resolution)
 
 
 def plot_density(
@@ -279,4 +291,48 @@ def plot_conditional_samples(
         ax.set_title(f"context {np.array2string(contexts[i], precision=2)}", fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7, markerscale=4)
+    return fig
+
+
+def plot_conditional_density(
+    flow: Flow,
+    contexts,
+    *,
+    data: Array | None = None,
+    xlim: tuple[float, float] | None = None,
+    ylim: tuple[float, float] | None = None,
+    resolution: int = 150,
+    true_log_prob=None,
+) -> Figure:
+    """The learned density of a conditional 2D flow, one column per context row; with
+    ``true_log_prob(x, context)`` a second row shows the true conditional density. The grid
+    spans ``xlim``/``ylim``, or else the bulk of ``data`` (points from any of the contexts)."""
+    if data is None and (xlim is None or ylim is None):
+        raise ValueError("plot_conditional_density: give data or both xlim and ylim")
+    if data is not None:
+        (dx0, dx1), (dy0, dy1) = _limits(np.asarray(data)[:, :2], pad=0.15)
+        xlim = xlim or (dx0, dx1)
+        ylim = ylim or (dy0, dy1)
+    contexts = np.asarray(contexts, np.float32)
+    if contexts.ndim != 2:
+        raise ValueError(
+            f"plot_conditional_density: contexts must be rows (k, context_dim), received shape "
+            f"{contexts.shape}"
+        )
+    rows = ["learned"] + (["true"] if true_log_prob is not None else [])
+    fig = Figure(figsize=(3.2 * len(contexts), 3.0 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), len(contexts), squeeze=False)
+    extent = (xlim[0], xlim[1], ylim[0], ylim[1])
+    for j, ctx in enumerate(contexts):
+        xs, ys, logp = density_grid(flow, xlim, ylim, resolution, context=ctx)
+        dens = {"learned": np.exp(logp)}
+        if true_log_prob is not None:
+            grid = jnp.asarray(np.stack(np.meshgrid(xs, ys), axis=-1).astype(np.float32))
+            c = jnp.broadcast_to(jnp.asarray(ctx), (*grid.shape[:-1], ctx.shape[-1]))
+            dens["true"] = np.exp(np.asarray(true_log_prob(grid, c)))
+        for i, what in enumerate(rows):
+            ax = axes[i, j]
+            ax.imshow(dens[what], origin="lower", extent=extent, aspect="auto", cmap="magma")
+            ax.set_title(f"{what}, context {np.array2string(ctx, precision=2)}", fontsize=9)
+            ax.tick_params(labelsize=7)
     return fig
