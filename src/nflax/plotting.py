@@ -93,6 +93,29 @@ def plot_trajectory(
     return fig
 
 
+def _grid_limits(who: str, data, xlim, ylim) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``xlim``/``ylim`` as given, else spanning the bulk of ``data``."""
+    if data is None and (xlim is None or ylim is None):
+        raise ValueError(f"{who}: give data or both xlim and ylim")
+    if data is not None:
+        (dx0, dx1), (dy0, dy1) = _limits(np.asarray(data)[:, :2], pad=0.15)
+        xlim = xlim or (dx0, dx1)
+        ylim = ylim or (dy0, dy1)
+    return xlim, ylim
+
+
+def _log_density_on_grid(log_prob, xs: np.ndarray, ys: np.ndarray, context=None) -> np.ndarray:
+    """``log_prob`` at every point of the grid ``xs × ys``, shape ``(len(ys), len(xs))``; a
+    ``context`` row (shape ``(context_dim,)``) is passed with every point."""
+    grid = jnp.asarray(np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2), jnp.float32)
+    if context is None:
+        out = log_prob(grid)
+    else:
+        c = jnp.broadcast_to(jnp.asarray(context, jnp.float32), (grid.shape[0], np.size(context)))
+        out = log_prob(grid, c)
+    return np.asarray(out).reshape(len(ys), len(xs))
+
+
 def density_grid(
     flow: Flow,
     xlim: tuple[float, float],
@@ -109,13 +132,7 @@ def density_grid(
         raise ValueError(f"density_grid: needs a 2D flow, received event shape {flow.event_shape}")
     xs = np.linspace(*xlim, resolution)
     ys = np.linspace(*ylim, resolution)
-    grid = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2).astype(np.float32)
-    if context is None:
-        logp = jax.jit(flow.log_prob)(grid)
-    else:
-        c = jnp.broadcast_to(jnp.asarray(context, jnp.float32), (grid.shape[0], np.size(context)))
-        logp = jax.jit(flow.log_prob)(grid, c)
-    return xs, ys, np.asarray(logp).reshape(resolution, resolution)
+    return xs, ys, _log_density_on_grid(jax.jit(flow.log_prob), xs, ys, context)
 
 
 def plot_density(
@@ -128,13 +145,8 @@ def plot_density(
     true_log_prob=None,
 ) -> Figure:
     """The learned density of a 2D flow on a grid, beside the data (and the true density)."""
-    if data is None and (xlim is None or ylim is None):
-        raise ValueError("plot_density: give data or both xlim and ylim")
+    xlim, ylim = _grid_limits("plot_density", data, xlim, ylim)
     data = None if data is None else np.asarray(data)
-    if data is not None:
-        (dx0, dx1), (dy0, dy1) = _limits(data[:, :2], pad=0.15)
-        xlim = xlim or (dx0, dx1)
-        ylim = ylim or (dy0, dy1)
     xs, ys, logp = density_grid(flow, xlim, ylim, resolution)
     panels = []
     if data is not None:
@@ -155,8 +167,8 @@ def plot_density(
             if what == "model":
                 dens, title = np.exp(logp), "learned density"
             else:
-                grid = np.stack(np.meshgrid(xs, ys), axis=-1)
-                dens, title = np.exp(np.asarray(true_log_prob(jnp.asarray(grid)))), "true density"
+                dens = np.exp(_log_density_on_grid(true_log_prob, xs, ys))
+                title = "true density"
             ax.imshow(dens, origin="lower", extent=extent, aspect="auto", cmap="magma")
             ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -307,12 +319,7 @@ def plot_conditional_density(
     """The learned density of a conditional 2D flow, one column per context row; with
     ``true_log_prob(x, context)`` a second row shows the true conditional density. The grid
     spans ``xlim``/``ylim``, or else the bulk of ``data`` (points from any of the contexts)."""
-    if data is None and (xlim is None or ylim is None):
-        raise ValueError("plot_conditional_density: give data or both xlim and ylim")
-    if data is not None:
-        (dx0, dx1), (dy0, dy1) = _limits(np.asarray(data)[:, :2], pad=0.15)
-        xlim = xlim or (dx0, dx1)
-        ylim = ylim or (dy0, dy1)
+    xlim, ylim = _grid_limits("plot_conditional_density", data, xlim, ylim)
     contexts = np.asarray(contexts, np.float32)
     if contexts.ndim != 2:
         raise ValueError(
@@ -327,9 +334,7 @@ def plot_conditional_density(
         xs, ys, logp = density_grid(flow, xlim, ylim, resolution, context=ctx)
         dens = {"learned": np.exp(logp)}
         if true_log_prob is not None:
-            grid = jnp.asarray(np.stack(np.meshgrid(xs, ys), axis=-1).astype(np.float32))
-            c = jnp.broadcast_to(jnp.asarray(ctx), (*grid.shape[:-1], ctx.shape[-1]))
-            dens["true"] = np.exp(np.asarray(true_log_prob(grid, c)))
+            dens["true"] = np.exp(_log_density_on_grid(true_log_prob, xs, ys, ctx))
         for i, what in enumerate(rows):
             ax = axes[i, j]
             ax.imshow(dens[what], origin="lower", extent=extent, aspect="auto", cmap="magma")
