@@ -68,8 +68,11 @@ def realnvp(
     """RealNVP (Dinh et al. 2017): affine couplings with alternating masks, as in the tutorial.
 
     ``num_layers`` coupling layers, masks ``[1,0,…]`` and ``[0,1,…]`` alternating, each with an
-    MLP conditioner (tanh, ``hidden`` sizes). ``leaky_relu=True`` follows every coupling with the
-    tutorial's learnable :class:`~nflax.bijections.LeakyReLU`. ``actnorm=True`` puts an
+    MLP conditioner (tanh, ``hidden`` sizes). For ``dim = 1`` every mask is ``[0]``, so no layer
+    is the identity; each coupling is then an affine map whose scale and shift depend on the
+    context only (unconditional: a Gaussian flow unless ``leaky_relu=True`` adds the
+    nonlinearity). ``leaky_relu=True`` follows every coupling with the tutorial's learnable
+    :class:`~nflax.bijections.LeakyReLU`. ``actnorm=True`` puts an
     :class:`~nflax.bijections.ActNorm` first, which standardises the data from the first
     training batch (the conditioners then see inputs of unit scale; ``nflax train`` uses it).
     The identical blocks are stacked and scanned, so compile time does not grow with
@@ -87,7 +90,7 @@ def realnvp(
 
     def block(i: int) -> Bijection:
         net = MLP(cin, 2 * dim, hidden=hidden, rngs=rngs)
-        layer = AffineCoupling(alternating_mask(dim, i % 2), net, context_dim=cond.features)
+        layer = AffineCoupling(_coupling_mask(dim, i), net, context_dim=cond.features)
         return Chain([layer, LeakyReLU(dim)]) if leaky_relu else layer
 
     bijection = Stack([block(i) for i in range(num_layers)])
