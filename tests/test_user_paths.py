@@ -1,6 +1,11 @@
 """Paths a new user takes that once broke: dim-1 flows, 1-D and many-column data files through
 the CLI, CSV headers, and two runs on one folder (issue 11)."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import optax
@@ -37,3 +42,19 @@ def test_realnvp_dim1_fits_a_skewed_density_better_than_a_gaussian():
     nflax.fit(flow, x, key=jax.random.key(2), steps=600, optimizer=optax.adam(2e-2), progress=False)
     flow_nll = float(np.mean(nflax.nll(flow, x_test)))
     assert flow_nll < gaussian_nll - 0.025, (flow_nll, gaussian_nll)
+
+
+# ---- meshes with Explicit and Auto axes: fit, fit_vi and nll ------------------------------
+def test_meshes_of_both_axis_types_match_one_device(tmp_path):
+    out = tmp_path / "mesh.json"
+    worker = Path(__file__).with_name("mesh_worker.py")
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    r = json.loads(out.read_text())
+    assert r["device_count"] == 4
+    for axes in ("explicit", "auto"):
+        for what, one in r["one"].items():
+            np.testing.assert_allclose(r[axes][what], one, rtol=1e-5, err_msg=f"{axes}: {what}")
+    assert "num_samples 30 must be divisible by the 4 devices" in r["indivisible_error"]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 
@@ -71,15 +71,18 @@ def make_mesh(devices: str | Sequence[jax.Device] = "all") -> Mesh:
     return Mesh(np.asarray(devs), (DATA_AXIS,))
 
 
-def resolve_mesh(mesh: Mesh | None, devices: str | Sequence | None) -> Mesh | None:
-    """The mesh ``fit`` should use, from its ``mesh=`` / ``devices=`` arguments."""
+def resolve_mesh(
+    mesh: Mesh | None, devices: str | Sequence | None, who: str = "fit"
+) -> Mesh | None:
+    """The mesh ``who`` (``fit``, ``fit_vi``, ``nll``) should use, from its ``mesh=`` /
+    ``devices=`` arguments. The ``"data"`` axis may be Auto or Explicit."""
     if mesh is not None and devices is not None:
-        raise ValueError("fit: give mesh= or devices=, not both")
+        raise ValueError(f"{who}: give mesh= or devices=, not both")
     if devices is not None:
         return make_mesh(devices)
     if mesh is not None and DATA_AXIS not in mesh.axis_names:
         raise ValueError(
-            f"fit: the mesh needs an axis named {DATA_AXIS!r}, received axes {mesh.axis_names}"
+            f"{who}: the mesh needs an axis named {DATA_AXIS!r}, received axes {mesh.axis_names}"
         )
     return mesh
 
@@ -95,6 +98,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def put_rows(tree, mesh: Mesh) -> tuple:
+    """Host arrays → device arrays whose rows are split over the ``"data"`` axis; each array's
+    rows are padded with zeros to a multiple of the axis size (the caller drops the padding)."""
+    ndev = data_size(mesh)
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        extra = -len(a) % ndev
+        return np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)]) if extra else a
+
+    return jax.device_put(jax.tree.map(pad, tree), batch_sharded(mesh))
+
+
+def shard_rows(tree, mesh: Mesh):
+    """Inside a jitted function: split the rows (leading axis) of every array in ``tree`` over
+    the mesh's ``"data"`` axis.
+
+    An Explicit axis (``jax.make_mesh``'s default) is resharded (``jax.sharding.reshard``);
+    an Auto axis gets a sharding constraint (``jax.lax.with_sharding_constraint``), which the
+    compiler propagates.
+    """
+    if is_explicit(mesh):
+        return jax.sharding.reshard(tree, batch_sharded(mesh))
+    return jax.lax.with_sharding_constraint(tree, batch_sharded(mesh))
+
+
+def is_explicit(mesh: Mesh) -> bool:
+    """True when the mesh's ``"data"`` axis is Explicit (sharding in types)."""
+    return mesh.axis_types[mesh.axis_names.index(DATA_AXIS)] == AxisType.Explicit
 
 
 def gather_process_data(x: np.ndarray) -> np.ndarray:

@@ -246,7 +246,8 @@ def fit(
         keeping the last ``keep_checkpoints``. Each checkpoint is written atomically.
       checkpoint_every: steps between checkpoints (default ``chunk_size``); it becomes the
         chunk size, so a killed run loses at most this many steps.
-      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis: each batch is sharded over it,
+      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis, Auto or Explicit (e.g.
+        ``jax.make_mesh((4,), ("data",))``): each batch is sharded over it,
         parameters and optimizer state are replicated, and the compiler averages the
         gradients. The batch size must divide by the number of devices on that axis (a full
         batch is padded and masked). With several processes (:func:`nflax.parallel.initialize`)
@@ -374,7 +375,7 @@ def fit(
         t = carry["step"]
         xb, cb, w, perm = batch_at(carry, d)
         if mesh is not None:  # shard the batch: each device takes its slice of the rows
-            xb, cb, w = jax.lax.with_sharding_constraint((xb, cb, w), parallel.batch_sharded(mesh))
+            xb, cb, w = parallel.shard_rows((xb, cb, w), mesh)
         (loss, new_rest), grads = jax.value_and_grad(
             lambda q: _nll(graphdef, q, rest, xb, w, frozen, cb), has_aux=True
         )(p)
@@ -580,16 +581,42 @@ def _positive_int(name: str, v, who: str = "fit") -> int:
     return int(v)
 
 
-def nll(flow: Flow, x, context=None, batch_size: int = 65536) -> np.ndarray:
-    """Per-point negative log-likelihood ``−log p(x [| context])`` under ``flow`` (host array)."""
+def nll(
+    flow: Flow,
+    x,
+    context=None,
+    batch_size: int = 65536,
+    *,
+    mesh: Mesh | None = None,
+    devices: str | Sequence | None = None,
+) -> np.ndarray:
+    """Per-point negative log-likelihood ``−log p(x [| context])`` under ``flow`` (host array).
+
+    ``x`` is evaluated ``batch_size`` rows at a time. With ``mesh`` (a ``jax.sharding.Mesh``
+    with a ``"data"`` axis, Auto or Explicit) or ``devices="all"``, the rows of each batch are
+    split over that axis and the flow is replicated; with several processes every process
+    passes the same ``x`` and receives every row's NLL.
+
+    >>> import nflax, jax
+    >>> flow = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> nll(flow, jax.numpy.zeros((3, 2))).shape
+    (3,)
+    """
     data = check_data(x, flow.event_shape)
     ctx = _check_context(flow, context, data.shape[0])
+    mesh = parallel.resolve_mesh(mesh, devices, "nll")
     graphdef, frozen, state = nnx.split(flow, _FROZEN, ...)
-    fn = jax.jit(lambda s, xb, cb: -nnx.merge(graphdef, frozen, s).log_prob(xb, cb))
-    out = [
-        np.asarray(
-            fn(state, data[i : i + batch_size], None if ctx is None else ctx[i : i + batch_size])
-        )
-        for i in range(0, len(data), batch_size)
-    ]
+    neg_log_prob = lambda s, xb, cb: -nnx.merge(graphdef, frozen, s).log_prob(xb, cb)
+    if mesh is None:
+        fn = jax.jit(neg_log_prob)
+    else:  # every process receives the whole result
+        fn = jax.jit(neg_log_prob, out_shardings=parallel.replicated(mesh))
+        state = jax.device_put(state, parallel.replicated(mesh))
+    out = []
+    for i in range(0, len(data), batch_size):
+        rows = (data[i : i + batch_size], None if ctx is None else ctx[i : i + batch_size])
+        n = len(rows[0])
+        if mesh is not None:
+            rows = parallel.put_rows(rows, mesh)
+        out.append(np.asarray(fn(state, *rows))[:n])
     return np.concatenate(out)

@@ -35,7 +35,7 @@ import csv
 import io
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import jax
@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
+from nflax import parallel
 from nflax.bijections.normalization import DataInit
 from nflax.distributions import Flow
 from nflax.training import (
@@ -130,16 +132,28 @@ def importance_diagnostics(log_w: Array) -> tuple[Array, Array, Array]:
     return jnp.mean(log_w), ess, lse - math.log(n)
 
 
-def _log_weights(graphdef, params, frozen, rest, key, n, log_density, stl):
+def _log_weights(graphdef, params, frozen, rest, key, n, log_density, stl, mesh=None):
     """``log w = log p̃(x) − log q(x)`` for ``n`` reparameterised samples ``x ~ q`` (latent →
-    data), and the model's mutable state after the call. ``frozen``: state no step changes."""
+    data), and the model's mutable state after the call. ``frozen``: state no step changes;
+    ``mesh``: split the samples over its ``"data"`` axis."""
     model = nnx.merge(graphdef, params, frozen, rest)
-    x, log_q = model.sample_and_log_prob(key, n)
+    x, log_q = _sample_and_log_q(model, key, n, mesh)
     new_rest = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, _FROZEN)))
     if stl:  # log q at x with the parameters held fixed: only the path derivative remains
         held = nnx.merge(graphdef, jax.lax.stop_gradient(params), frozen, new_rest)
         log_q = held.log_prob(x)
     return log_density(x) - log_q, new_rest
+
+
+def _sample_and_log_q(model: Flow, key: Array, n: int, mesh: Mesh | None):
+    """``n`` samples ``x ~ q`` and ``log q(x)`` from one inverse (latent → data) pass, as
+    :meth:`Flow.sample_and_log_prob` (the same noise); with a mesh the noise rows are split
+    over its ``"data"`` axis first, so the whole pass runs sharded."""
+    if mesh is None:
+        return model.sample_and_log_prob(key, n)
+    z = parallel.shard_rows(model.base.sample(key, (n,)), mesh)
+    x, log_det_inv = model.bijection.inverse(z)
+    return x, model.base.log_prob(z) - log_det_inv
 
 
 def check_log_density(log_density: LogDensity, dim: int, n: int, who: str = "fit_vi") -> None:
@@ -178,6 +192,8 @@ def fit_vi(
     chunk_size: int = 500,
     progress: bool | None = None,
     callback: Callable[[int, dict], bool | None] | None = None,
+    mesh: Mesh | None = None,
+    devices: str | Sequence | None = None,
 ) -> VIHistory:
     """Fit ``flow`` to ``p̃ = exp(log_density)`` by minimising the negative ELBO, in place.
 
@@ -198,6 +214,12 @@ def fit_vi(
       chunk_size: optimizer steps per compiled call (Python wakes up between chunks).
       progress: progress bar on stderr; default on when stderr is a terminal.
       callback: ``callback(step, metrics)`` between chunks; returning ``True`` stops.
+      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis (Auto or Explicit, e.g.
+        ``jax.make_mesh((4,), ("data",))``): each step's samples are split over it (the
+        same samples as on one device), parameters and optimizer state are replicated.
+        ``num_samples`` and ``eval_samples`` must divide by the number of devices on that
+        axis (the default ``eval_samples`` is rounded up to a multiple).
+      devices: ``"all"`` (or a list of devices) builds that mesh for you.
 
     Returns:
       A :class:`VIHistory`. A non-finite loss or gradient stops training (``stop_reason
@@ -229,9 +251,17 @@ def fit_vi(
     if eval_every is None:
         eval_every = max(1, min(chunk_size, steps // 20))
     eval_every = _positive_int("eval_every", eval_every, who)
+    mesh = parallel.resolve_mesh(mesh, devices, who)
+    ndev = parallel.data_size(mesh) if mesh is not None else 1
     if eval_samples is None:
-        eval_samples = max(num_samples, 1024)
+        eval_samples = -(-max(num_samples, 1024) // ndev) * ndev
     eval_samples = _positive_int("eval_samples", eval_samples, who)
+    for name, n in (("num_samples", num_samples), ("eval_samples", eval_samples)):
+        if n % ndev:
+            raise ValueError(
+                f"{who}: {name} {n} must be divisible by the {ndev} devices of the mesh's "
+                f"'data' axis"
+            )
     if max_grad_norm is not None and not float(max_grad_norm) > 0:
         raise ValueError(f"{who}: max_grad_norm must be > 0, received {max_grad_norm}")
     check_log_density(log_density, dim, num_samples, who)
@@ -257,7 +287,7 @@ def fit_vi(
         def loss_fn(q):
             k = jax.random.fold_in(key_train, t)
             log_w, new_rest = _log_weights(
-                graphdef, q, frozen, rest, k, num_samples, log_density, stl
+                graphdef, q, frozen, rest, k, num_samples, log_density, stl, mesh
             )
             return -jnp.mean(log_w), new_rest
 
@@ -276,6 +306,7 @@ def fit_vi(
                 eval_samples,
                 log_density,
                 False,
+                mesh,
             )
             return importance_diagnostics(log_w)[1:]
 
@@ -308,6 +339,8 @@ def fit_vi(
     )
     total = jnp.int32(steps)
     t0 = time.perf_counter()
+    if mesh is not None:  # everything replicated; the samples are split inside the step
+        carry, total = jax.device_put((carry, total), parallel.replicated(mesh))
     compiled = jax.jit(chunk, donate_argnums=0).lower(carry, total).compile()
     compile_seconds = time.perf_counter() - t0
     carry = jax.tree.map(jnp.copy, carry)  # donation must not consume the flow's own arrays
