@@ -7,12 +7,16 @@ import sys
 from pathlib import Path
 
 import jax
+import matplotlib.image
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from helpers import perturb
 
 import nflax
+from nflax.cli import main
+from nflax.datafiles import DataFileError, load_array, load_table
 
 
 # ---- realnvp(1): no identity coupling layers ------------------------------------------------
@@ -58,3 +62,78 @@ def test_meshes_of_both_axis_types_match_one_device(tmp_path):
         for what, one in r["one"].items():
             np.testing.assert_allclose(r[axes][what], one, rtol=1e-5, err_msg=f"{axes}: {what}")
     assert "num_samples 30 must be divisible by the 4 devices" in r["indivisible_error"]
+
+
+# ---- data files through the CLI: one column, many columns, a CSV header --------------------
+def _train(*args: str) -> int:
+    """A small, quick `nflax train`."""
+    return main(["train", "--steps", "60", "--layers", "2", "--hidden", "8", "--quiet", *args])
+
+
+def test_one_column_data_through_the_cli(tmp_path):
+    data = tmp_path / "points.npy"
+    np.save(data, _split_normal(0, 300)[:, 0])  # a 1D array: 300 points of dimension 1
+    run = tmp_path / "run"
+    assert _train("--data", str(data), "--out", str(run)) == 0
+    for name in ("trajectory.png", "samples.png", "density.png", "loss.png", "metrics.json"):
+        assert (run / name).is_file(), name
+    out = tmp_path / "s.csv"
+    assert main(["sample", str(run), "-n", "50", "-o", str(out)]) == 0
+    s = np.loadtxt(out, delimiter=",")  # no header: the .npy file named no columns
+    assert s.shape == (50,) and np.all(np.isfinite(s))
+
+
+def test_one_dimensional_density_plot_is_the_curve_over_a_histogram():
+    flow = nflax.flows.realnvp(1, num_layers=1, hidden=(4,), rngs=nnx.Rngs(0))  # N(0, 1) at init
+    x = np.random.default_rng(0).normal(size=(2000, 1)).astype(np.float32)
+    ax = nflax.plotting.plot_density(flow, x, labels=["height"]).axes[0]
+    xs, ys = ax.get_lines()[0].get_data()
+    np.testing.assert_allclose(ys, np.exp(-(xs**2) / 2) / np.sqrt(2 * np.pi), rtol=1e-4)
+    area = sum(p.get_height() * p.get_width() for p in ax.patches)  # the data's histogram
+    assert 0.97 < area <= 1.0 + 1e-6, area
+    assert ax.get_xlabel() == "height"
+
+
+def test_samples_plot_is_a_pair_plot_beyond_two_dimensions():
+    key, rng = jax.random.key(0), np.random.default_rng(0)
+    flow = nflax.flows.realnvp(3, num_layers=1, hidden=(4,), rngs=nnx.Rngs(0))
+    fig = nflax.plotting.plot_samples(flow, key, 100, data=rng.normal(size=(80, 3)), labels="abc")
+    axes = np.asarray(fig.axes).reshape(3, 3)
+    for i in range(3):
+        for j in range(3):
+            assert axes[i, j].axison == (j <= i), (i, j)  # a corner: nothing above the diagonal
+            if j < i:  # data and samples, dimension j against dimension i
+                assert len(axes[i, j].collections) == 2
+    assert [ax.get_xlabel() for ax in axes[2]] == ["a", "b", "c"]
+    assert [axes[i, 0].get_ylabel() for i in (1, 2)] == ["b", "c"]
+    flow2 = nflax.flows.realnvp(2, num_layers=1, hidden=(4,), rngs=nnx.Rngs(0))
+    (ax,) = nflax.plotting.plot_samples(flow2, key, 100, labels=["u", "v"]).axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("u", "v")
+
+
+def test_csv_header_names_the_plots_and_comes_back_from_sample(tmp_path):
+    x = np.random.default_rng(0).normal(size=(200, 3)) * [1.0, 10.0, 100.0]
+    data = tmp_path / "table.csv"
+    np.savetxt(data, x, delimiter=",", header="alpha, beta,gamma", comments="")
+    run = tmp_path / "run"
+    assert _train("--data", str(data), "--out", str(run)) == 0
+    assert json.loads((run / "config.json").read_text())["columns"] == ["alpha", "beta", "gamma"]
+    # a 3x3 pair plot, not the 4-inch single panel (440 px at 110 dpi)
+    assert matplotlib.image.imread(run / "samples.png").shape[0] > 500
+    out = tmp_path / "s.csv"
+    assert main(["sample", str(run), "-n", "20", "-o", str(out)]) == 0
+    assert out.read_text().splitlines()[0] == "alpha,beta,gamma"
+    s, names = load_table(out)
+    assert s.shape == (20, 3) and names == ["alpha", "beta", "gamma"]
+
+
+def test_load_table_returns_the_header_names(tmp_path):
+    (tmp_path / "h.csv").write_text("u, v\n1,2\n3,4\n")
+    (tmp_path / "bad.csv").write_text("u,v,w\n1,2\n")
+    np.save(tmp_path / "a.npy", np.ones((3, 2)))
+    arr, names = load_table(tmp_path / "h.csv")
+    assert names == ["u", "v"] and arr.tolist() == [[1, 2], [3, 4]]
+    assert load_table(tmp_path / "a.npy")[1] is None
+    np.testing.assert_array_equal(load_array(tmp_path / "h.csv"), arr)
+    with pytest.raises(DataFileError, match="header names 3 column"):
+        load_table(tmp_path / "bad.csv")

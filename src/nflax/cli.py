@@ -7,7 +7,9 @@ data set, a bad flag value, a missing run) exit with status 2 and one line on st
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
+import io
 import json
 import os
 import sys
@@ -308,8 +310,13 @@ def _train(args) -> int:
         config.update(dataset=cds.name, dim=cds.dim, conditional=True)
         name = cds.name
     elif args.data is not None:
-        x = _load_data_file(args.data)
-        config.update(dataset=None, data_file=str(Path(args.data).absolute()), dim=x.shape[1])
+        x, columns = _load_data_file(args.data)
+        config.update(
+            dataset=None,
+            data_file=str(Path(args.data).absolute()),
+            dim=x.shape[1],
+            columns=columns,
+        )
         name = Path(args.data).stem
     else:
         try:
@@ -339,10 +346,11 @@ def _train(args) -> int:
 
 
 def _load_data_file(path: str):
-    from nflax.datafiles import DataFileError, load_array
+    """The data file's array and its column names (``None`` without a CSV header)."""
+    from nflax.datafiles import DataFileError, load_table
 
     try:
-        return load_array(path)
+        return load_table(path)
     except DataFileError as e:
         raise UsageError(str(e)) from None
 
@@ -363,7 +371,7 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
     key_data, key_test, key_fit, key_plot = jax.random.split(jax.random.key(config["seed"]), 4)
     log_det_std = 0.0
     if config.get("data_file"):
-        raw = _load_data_file(config["data_file"])
+        raw, _ = _load_data_file(config["data_file"])
         if raw.shape[1] != config["dim"]:
             raise UsageError(
                 f"data file {config['data_file']} now has {raw.shape[1]} column(s); the run was "
@@ -476,7 +484,7 @@ def _run_training(config: dict, out: Path, *, resume: bool, quiet: bool, plots: 
     if plots and c is not None:
         _conditional_plots(out, flow, ds, history, key_plot)
     elif plots:
-        _plots(out, flow, x, ds, history, key_plot)
+        _plots(out, flow, x, ds, history, key_plot, _axis_labels(config))
     if not quiet:
         line = f"{ds.name}: "
         if "test_nll" in metrics:
@@ -509,7 +517,18 @@ def _conditional_plots(out: Path, flow, ds, history, key) -> None:
     plotting.plot_history(history).savefig(out / "loss.png", dpi=110)
 
 
-def _plots(out: Path, flow, x, ds, history, key) -> None:
+def _axis_labels(config: dict) -> list[str] | None:
+    """Axis labels of a data-file run's plots: its CSV column names, in standardised units
+    (the flow's); ``None`` when the file named no columns."""
+    if not config.get("columns"):
+        return None
+    unit = " (standardised)" if config.get("standardize") else ""
+    return [f"{name}{unit}" for name in config["columns"]]
+
+
+def _plots(out: Path, flow, x, ds, history, key, labels: list[str] | None = None) -> None:
+    """trajectory.png, samples.png (a pair plot beyond 2-D), loss.png and, in 1-D and 2-D,
+    density.png; ``labels`` name the dimensions on the axes."""
     import jax
 
     from nflax import plotting
@@ -517,12 +536,12 @@ def _plots(out: Path, flow, x, ds, history, key) -> None:
     k1, k2 = jax.random.split(key)
     figs = {
         "trajectory.png": plotting.plot_trajectory(flow, x, key=k1),
-        "samples.png": plotting.plot_samples(flow, k2, n=len(x), data=x),
+        "samples.png": plotting.plot_samples(flow, k2, n=len(x), data=x, labels=labels),
         "loss.png": plotting.plot_history(history),
     }
-    if ds.dim == 2:
+    if ds.dim <= 2:
         figs["density.png"] = plotting.plot_density(
-            flow, x, true_log_prob=ds.log_prob if ds.has_density else None
+            flow, x, true_log_prob=ds.log_prob if ds.has_density else None, labels=labels
         )
     for name, fig in figs.items():
         fig.savefig(out / name, dpi=110)
@@ -658,21 +677,36 @@ def _sample(args) -> int:
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
     x = np.asarray(flow.sample(jax.random.key(args.seed), args.num))
-    try:
-        std = json.loads((run / "config.json").read_text()).get("standardize")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        std = None
+    config = _run_config(run)
+    std = config.get("standardize")
     if std:  # trained on a standardised file: back to its units
         x = x * np.asarray(std["std"]) + np.asarray(std["mean"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp" + out.suffix)
     if out.suffix == ".npy":
         np.save(tmp, x)
-    else:
-        np.savetxt(tmp, x, delimiter=",", fmt="%.8g")
+    else:  # with the training file's header row, when it had one
+        header = _csv_row(config["columns"]) if config.get("columns") else ""
+        np.savetxt(tmp, x, delimiter=",", fmt="%.8g", header=header, comments="")
     os.replace(tmp, out)
     print(f"wrote {len(x)} samples to {out}")
     return 0
+
+
+def _run_config(run: Path) -> dict:
+    """A run folder's config.json, or ``{}`` when it is missing or unreadable."""
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _csv_row(cells: list[str]) -> str:
+    """One CSV line (quoted where a cell needs it), without the line ending."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(cells)
+    return buf.getvalue()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Reading a user's data file (``.npy``, ``.npz``, ``.csv``) into a checked float32 array.
+"""Reading a user's data file (``.npy``, ``.npz``, ``.csv``) into a checked float32 array, with
+the column names of a CSV header (:func:`load_table`).
 
 Every problem is a :class:`DataFileError` (a ``ValueError``) whose message names the file and
 what is wrong with it: missing, a folder, empty, an unknown type, non-numeric cells, ragged
@@ -10,6 +11,8 @@ rows, the wrong number of dimensions, NaN or inf.
 >>> load_array(path)
 array([[1., 2.],
        [3., 4.]], dtype=float32)
+>>> load_table(path)[1]
+['a', 'b']
 """
 
 from __future__ import annotations
@@ -33,10 +36,36 @@ def load_array(path: str | os.PathLike, *, dim: int | None = None) -> np.ndarray
     """Read ``path`` into an ``(n, d)`` float32 array, checking it thoroughly.
 
     ``.npz`` files must hold one array (or one named ``x`` or ``data``). A ``.csv`` file may
-    start with one header row. A 1D array is read as ``n`` points of dimension 1. With
-    ``dim``, the number of columns must equal it.
+    start with one header row (skipped; :func:`load_table` returns its names). A 1D array is
+    read as ``n`` points of dimension 1. With ``dim``, the number of columns must equal it.
+    """
+    arr, _ = _load(Path(path), dim)
+    return arr
+
+
+def load_table(
+    path: str | os.PathLike, *, dim: int | None = None
+) -> tuple[np.ndarray, list[str] | None]:
+    """:func:`load_array`, and the column names from a CSV file's header row.
+
+    The names are ``None`` for ``.npy``/``.npz`` files and a CSV file without a header. A
+    header must name every column (a :class:`DataFileError` otherwise); names are stripped of
+    surrounding spaces.
     """
     p = Path(path)
+    arr, header = _load(p, dim)
+    if header is None:
+        return arr, None
+    names = [c.strip() for c in header]
+    if len(names) != arr.shape[1]:
+        raise DataFileError(
+            f"data file {p}: the header names {len(names)} column(s), the rows have {arr.shape[1]}"
+        )
+    return arr, names
+
+
+def _load(p: Path, dim: int | None) -> tuple[np.ndarray, list[str] | None]:
+    """The checked array and the raw header row (CSV only, else ``None``)."""
     if not p.exists():
         raise DataFileError(f"data file {p} does not exist")
     if p.is_dir():
@@ -49,13 +78,14 @@ def load_array(path: str | os.PathLike, *, dim: int | None = None) -> np.ndarray
     if p.stat().st_size == 0:
         raise DataFileError(f"data file {p} is empty")
     suffix = p.suffix.lower()
+    header = None
     if suffix == ".csv":
-        arr = _read_csv(p)
+        arr, header = _read_csv(p)
     elif suffix == ".npy":
         arr = _read_npy(p)
     else:
         arr = _read_npz(p)
-    return check_array(arr, str(p), dim=dim)
+    return check_array(arr, str(p), dim=dim), header
 
 
 def check_array(arr: np.ndarray, name: str, *, dim: int | None = None) -> np.ndarray:
@@ -121,7 +151,8 @@ def _read_npz(p: Path) -> np.ndarray:
         raise DataFileError(f"data file {p} is not a readable .npz file ({e})") from None
 
 
-def _read_csv(p: Path) -> np.ndarray:
+def _read_csv(p: Path) -> tuple[np.ndarray, list[str] | None]:
+    """The numbers, and the header row when the first row is not numeric."""
     try:
         text = p.read_text()
     except UnicodeDecodeError:
@@ -145,7 +176,7 @@ def _read_csv(p: Path) -> np.ndarray:
                 raise DataFileError(
                     f"data file {p} line {line} column {j + 1}: {cell.strip()!r} is not a number"
                 ) from None
-    return out
+    return out, (rows[0] if start else None)
 
 
 def _numeric_row(row: list[str]) -> bool:

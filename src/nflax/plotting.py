@@ -8,6 +8,7 @@ Every function returns a matplotlib ``Figure`` and never calls ``plt.show``; sav
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from nflax.distributions import Flow
 from nflax.training import History
 
 Array = jax.Array
+_DATA, _SAMPLES = "0.6", "tab:red"  # colours of the data and of the flow's samples
 
 
 def _limits(points: np.ndarray, pad: float = 0.05) -> tuple[tuple[float, float], ...]:
@@ -31,8 +33,8 @@ def _limits(points: np.ndarray, pad: float = 0.05) -> tuple[tuple[float, float],
 
 def _scatter(ax, pts: np.ndarray, color, title: str) -> None:
     pts = np.asarray(pts)
-    if pts.shape[-1] == 1:
-        ax.hist(pts[:, 0], bins=60, color=color, alpha=0.8)
+    if pts.shape[-1] == 1:  # one colour: a histogram cannot follow each point
+        ax.hist(pts[:, 0], bins=60, color="tab:blue", alpha=0.8)
     else:
         ax.scatter(pts[:, 0], pts[:, 1], s=2, c=color, alpha=0.6, linewidths=0)
         (x0, x1), (y0, y1) = _limits(pts[:, :2])
@@ -51,7 +53,8 @@ def plot_trajectory(
     direction: str = "both",
     max_cols: int = 10,
 ) -> Figure:
-    """The tutorial's picture: a batch after every layer, one panel per layer.
+    """The tutorial's picture: a batch after every layer, one panel per layer (a histogram
+    per layer for a 1-D flow).
 
     ``direction="forward"`` pushes the data ``x`` through the layers (data → noise);
     ``"inverse"`` pushes standard-normal noise back (noise → data), ``"both"`` draws one row
@@ -143,8 +146,18 @@ def plot_density(
     ylim: tuple[float, float] | None = None,
     resolution: int = 200,
     true_log_prob=None,
+    labels: Sequence[str] | None = None,
 ) -> Figure:
-    """The learned density of a 2D flow on a grid, beside the data (and the true density)."""
+    """The learned density of a 1-D or 2-D flow, with the data (and the true density).
+
+    1-D: the density curve over a histogram of the data, on ``xlim`` (default: the bulk of the
+    data). 2-D: the density on a grid, beside a scatter plot of the data. ``labels`` names the
+    dimensions on the axes (e.g. a CSV file's column names).
+    """
+    if flow.event_shape == (1,):
+        labels = _check_labels("plot_density", labels, 1)
+        return _plot_density_1d(flow, data, xlim, resolution, true_log_prob, labels)
+    labels = _check_labels("plot_density", labels, 2)
     xlim, ylim = _grid_limits("plot_density", data, xlim, ylim)
     data = None if data is None else np.asarray(data)
     xs, ys, logp = density_grid(flow, xlim, ylim, resolution)
@@ -172,35 +185,156 @@ def plot_density(
             ax.imshow(dens, origin="lower", extent=extent, aspect="auto", cmap="magma")
             ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
+        _label_axes(ax, labels)
     return fig
 
 
-def plot_samples(flow: Flow, key: Array, n: int = 2000, data: Array | None = None) -> Figure:
-    """Samples of the flow (noise → data), over the data when given."""
-    samples = np.asarray(flow.sample(key, n))
-    fig = Figure(figsize=(4, 4), layout="constrained")
+def _plot_density_1d(flow: Flow, data, xlim, resolution: int, true_log_prob, labels) -> Figure:
+    """A 1-D flow's density curve over a histogram of the data (and the true density)."""
+    if xlim is None:
+        if data is None:
+            raise ValueError("plot_density: give data or xlim")
+        xlim = _limits(np.asarray(data)[:, :1], pad=0.15)[0]
+    xs = np.linspace(*xlim, resolution)
+    grid = jnp.asarray(xs[:, None], jnp.float32)
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
     ax = fig.subplots()
     if data is not None:
-        d = np.asarray(data)
-        ax.scatter(
-            d[:, 0],
-            d[:, 1] if d.shape[1] > 1 else np.zeros(len(d)),
-            s=3,
-            c="0.6",
-            alpha=0.5,
-            linewidths=0,
-            label="data",
-        )
-    ys = samples[:, 1] if samples.shape[1] > 1 else np.zeros(len(samples))
-    ax.scatter(samples[:, 0], ys, s=3, c="tab:red", alpha=0.5, linewidths=0, label="samples")
-    pts = samples[:, :2] if data is None else np.concatenate([samples, np.asarray(data)])[:, :2]
-    if pts.shape[1] == 2:
-        (x0, x1), (y0, y1) = _limits(pts)
-        ax.set_xlim(x0, x1)
-        ax.set_ylim(y0, y1)
+        d = np.asarray(data)[:, 0]
+        edges = np.linspace(*xlim, 61)
+        weights = np.full(len(d), 1.0 / (len(d) * (edges[1] - edges[0])))  # density of all rows
+        ax.hist(d, bins=edges, weights=weights, color=_DATA, label=f"data ({len(d)} points)")
+    density = np.exp(np.asarray(jax.jit(flow.log_prob)(grid)))
+    ax.plot(xs, density, color=_SAMPLES, lw=1.5, label="learned density")
+    if true_log_prob is not None:
+        ax.plot(xs, np.exp(np.asarray(true_log_prob(grid))), "k:", lw=1.2, label="true density")
+    ax.set_xlim(*xlim)
+    _label_axes(ax, [labels[0] if labels else "x", "density"])
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_samples(
+    flow: Flow,
+    key: Array,
+    n: int = 2000,
+    data: Array | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+) -> Figure:
+    """Samples of the flow (noise → data), over the data when given.
+
+    A 1-D flow gives histograms, a 2-D flow a scatter plot, more dimensions a pair plot of
+    every dimension (:func:`plot_pairs`). ``labels`` names the dimensions on the axes (e.g.
+    a CSV file's column names).
+    """
+    samples = np.asarray(flow.sample(key, n))
+    data = None if data is None else np.asarray(data)
+    labels = _check_labels("plot_samples", labels, samples.shape[1])
+    if samples.shape[1] > 2:
+        return plot_pairs(samples, data, labels=labels)
+    sets = _point_sets(samples, data)
+    lims = _limits(np.concatenate([pts for _, pts, _ in sets]))
+    fig = Figure(figsize=(4, 4), layout="constrained")
+    ax = fig.subplots()
+    if samples.shape[1] == 1:
+        _histograms(ax, sets, 0, lims[0])
+        _label_axes(ax, [labels[0] if labels else "x", "density"])
+    else:
+        _scatters(ax, sets, 0, 1)
+        ax.set_ylim(*lims[1])
+        _label_axes(ax, labels)
+    ax.set_xlim(*lims[0])
     ax.legend(fontsize=8, markerscale=4)
     ax.set_title(f"{n} samples", fontsize=9)
     return fig
+
+
+def plot_pairs(
+    samples: Array, data: Array | None = None, *, labels: Sequence[str] | None = None
+) -> Figure:
+    """A pair (corner) plot of points with any number of dimensions: each pair of dimensions
+    as a scatter plot below the diagonal, each dimension's histogram on the diagonal; the
+    data (when given) in grey under the samples in red. ``labels`` names the dimensions
+    (default ``x1, x2, …``).
+
+    >>> import numpy as np
+    >>> fig = plot_pairs(np.zeros((10, 3)), labels=["a", "b", "c"])
+    >>> [ax.get_xlabel() for ax in fig.axes[-3:]]
+    ['a', 'b', 'c']
+    """
+    samples = np.asarray(samples)
+    dim = samples.shape[1]
+    labels = _check_labels("plot_pairs", labels, dim) or [f"x{i + 1}" for i in range(dim)]
+    sets = _point_sets(samples, None if data is None else np.asarray(data))
+    lims = _limits(np.concatenate([pts for _, pts, _ in sets]))
+    side = min(1.7 * dim + 0.4, 20.0)
+    fig = Figure(figsize=(side, side), layout="constrained")
+    axes = fig.subplots(dim, dim, squeeze=False)
+    for i in range(dim):
+        for j in range(dim):
+            _pair_panel(axes[i, j], sets, i, j, lims)
+        axes[-1, i].set_xlabel(labels[i], fontsize=8)
+        if i > 0:
+            axes[i, 0].set_ylabel(labels[i], fontsize=8)
+    if dim > 1:
+        fig.legend(*axes[-1, 0].get_legend_handles_labels(), loc="upper right", markerscale=4)
+    fig.suptitle(f"{len(samples)} samples", fontsize=9)
+    return fig
+
+
+def _pair_panel(ax, sets, i: int, j: int, lims) -> None:
+    """Panel (row ``i``, column ``j``) of a corner plot: a histogram of dimension ``i`` on the
+    diagonal, dimension ``j`` against ``i`` below it, nothing above."""
+    if j > i:
+        ax.set_axis_off()
+        return
+    if i == j:
+        _histograms(ax, sets, i, lims[i])
+        ax.set_yticks([])
+    else:
+        _scatters(ax, sets, j, i)
+        ax.set_ylim(*lims[i])
+    ax.set_xlim(*lims[j])
+    ax.tick_params(labelsize=6, labelbottom=i == len(lims) - 1, labelleft=j == 0 and i > 0)
+
+
+def _point_sets(samples: np.ndarray, data: np.ndarray | None) -> list:
+    """``(label, points, colour)`` for the data (when given), drawn first, and the samples."""
+    sets = [] if data is None else [("data", data, _DATA)]
+    return sets + [("samples", samples, _SAMPLES)]
+
+
+def _scatters(ax, sets, i: int, j: int) -> None:
+    """Dimension ``i`` (horizontal) against ``j`` of every point set."""
+    for label, pts, colour in sets:
+        ax.scatter(pts[:, i], pts[:, j], s=3, c=colour, alpha=0.5, linewidths=0, label=label)
+
+
+def _histograms(ax, sets, i: int, lim: tuple[float, float]) -> None:
+    """Normalised histograms of dimension ``i`` of every point set, on ``lim``."""
+    edges = np.linspace(*lim, 41)
+    for label, pts, colour in sets:
+        ax.hist(pts[:, i], bins=edges, density=True, color=colour, alpha=0.5, label=label)
+
+
+def _check_labels(who: str, labels, dim: int) -> list[str] | None:
+    """``labels`` as strings, one per dimension (``None`` stays ``None``)."""
+    if labels is None:
+        return None
+    labels = [str(s) for s in labels]
+    if len(labels) != dim:
+        raise ValueError(
+            f"{who}: expected {dim} label(s), one per dimension, received {len(labels)}"
+        )
+    return labels
+
+
+def _label_axes(ax, labels: Sequence[str] | None) -> None:
+    """The horizontal and vertical axis labels, when given."""
+    if labels:
+        ax.set_xlabel(labels[0], fontsize=8)
+        ax.set_ylabel(labels[1], fontsize=8)
 
 
 def plot_history(history: History) -> Figure:
