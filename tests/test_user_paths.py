@@ -4,6 +4,7 @@ the CLI, CSV headers, and two runs on one folder (issue 11)."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ from helpers import perturb
 import nflax
 from nflax.cli import main
 from nflax.datafiles import DataFileError, load_array, load_table
+from nflax.runs import RunFolderError, claim_run_folder
 
 
 # ---- realnvp(1): no identity coupling layers ------------------------------------------------
@@ -137,3 +139,81 @@ def test_load_table_returns_the_header_names(tmp_path):
     np.testing.assert_array_equal(load_array(tmp_path / "h.csv"), arr)
     with pytest.raises(DataFileError, match="header names 3 column"):
         load_table(tmp_path / "bad.csv")
+
+
+# ---- one nflax process per run folder ---------------------------------------------------------
+LONG_RUN = ["--steps", "100000000", "--no-early-stopping", "--checkpoint-every", "1000000"]
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    """`nflax train` (a tiny model, no plots) in its own process."""
+    argv = [sys.executable, "-m", "nflax.cli", "train", "--layers", "1", "--hidden", "4"]
+    return subprocess.Popen(
+        [*argv, "--no-plots", "--quiet", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def _refused(proc: subprocess.Popen, run: Path) -> None:
+    """``proc`` exited with status 2 and the one-line "in use" message."""
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 2, err[-2000:]
+    assert err == f"nflax: error: run folder {run} is in use by another nflax process\n"
+
+
+def test_two_runs_on_one_folder_the_second_is_refused(tmp_path):
+    run = tmp_path / "run"
+    procs = [_cli("--out", str(run), *LONG_RUN) for _ in range(2)]  # started together
+    try:
+        deadline = time.time() + 180
+        while all(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.05)
+        finished = [p for p in procs if p.poll() is not None]
+        assert len(finished) == 1, f"{len(finished)} of the 2 runs ended (expected 1: refused)"
+        (winner,) = [p for p in procs if p is not finished[0]]
+        _refused(finished[0], run)
+        _wait_for(run / "config.json", winner)
+        config = (run / "config.json").read_bytes()
+        late = [_cli("--resume", str(run)), _cli("--out", str(run), "--seed", "7")]
+        procs += late
+        for p in late:
+            _refused(p, run)
+        assert winner.poll() is None  # still training, undisturbed
+        assert (run / "config.json").read_bytes() == config
+        assert not (run / "metrics.json").exists()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+
+def _claim_refused(run: Path, fresh: bool, message: str) -> None:
+    with pytest.raises(RunFolderError, match=message), claim_run_folder(run, fresh=fresh):
+        pass
+
+
+def test_refused_claims_leave_the_folder_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    with claim_run_folder(run, fresh=True):
+        (run / "config.json").write_text("{}")
+        for fresh in (True, False):
+            _claim_refused(run, fresh, "in use by another nflax process")
+    _claim_refused(run, True, "already exists and is not empty")
+    with claim_run_folder(run, fresh=False):  # resuming a finished run is allowed
+        pass
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    _claim_refused(other, True, "not empty")
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]  # no lock file left there

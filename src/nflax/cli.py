@@ -7,6 +7,7 @@ data set, a bad flag value, a missing run) exit with status 2 and one line on st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import inspect
 import io
@@ -275,7 +276,10 @@ def _train(args) -> int:
             raise UsageError(f"cannot resume {run}: config.json is corrupt ({e})") from None
         if config.get("command") != "train":
             raise UsageError(f"cannot resume {run}: it is not a `nflax train` run")
-        return _run_training(config, run, resume=True, quiet=args.quiet, plots=not args.no_plots)
+        with _claim(run, fresh=False):
+            return _run_training(
+                config, run, resume=True, quiet=args.quiet, plots=not args.no_plots
+            )
 
     from nflax import datasets
 
@@ -337,12 +341,24 @@ def _train(args) -> int:
     elif args.embedding is not None:
         raise UsageError("--embedding needs --conditional (it embeds the context)")
     out = Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from nflax import parallel
+    with _claim(out, fresh=True):
+        return _run_training(config, out, resume=False, quiet=args.quiet, plots=not args.no_plots)
 
-    # Only process 0 checks: the others could see the config.json it writes first.
-    if parallel.is_primary() and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"run folder {out} already exists and is not empty (use --resume {out})")
-    return _run_training(config, out, resume=False, quiet=args.quiet, plots=not args.no_plots)
+
+@contextlib.contextmanager
+def _claim(out: Path, *, fresh: bool):
+    """Hold the run folder ``out`` while training (process 0 only: the others share it)."""
+    from nflax import parallel
+    from nflax.runs import RunFolderError, claim_run_folder
+
+    if not parallel.is_primary():
+        yield out
+        return
+    try:
+        with claim_run_folder(out, fresh=fresh):
+            yield out
+    except RunFolderError as e:  # raised only when claiming; the run itself cannot raise it
+        raise UsageError(str(e)) from None
 
 
 def _load_data_file(path: str):
