@@ -1,10 +1,11 @@
 """Data-parallel training over a ``jax.sharding.Mesh``, on one host or many.
 
-nflax uses JAX's own machinery only: a 1D mesh with a ``"data"`` axis, the minibatch sharded
-over it (``NamedSharding(mesh, P("data"))``), parameters and optimizer state replicated; the
-compiler inserts the gradient all-reduce. Across hosts, :func:`initialize` starts JAX's
-distributed runtime (``jax.distributed.initialize``), every process contributes its own shard
-of the data, and the same :func:`nflax.fit` call runs as one SPMD program.
+nflax uses JAX's own machinery only: a 1D mesh with a ``"data"`` axis (Auto, or Explicit as
+``jax.make_mesh`` makes it), the minibatch sharded over it (``NamedSharding(mesh, P("data"))``),
+parameters and optimizer state replicated; the compiler inserts the gradient all-reduce.
+Across hosts, :func:`initialize` starts JAX's distributed runtime
+(``jax.distributed.initialize``), every process contributes its own shard of the data, and the
+same :func:`nflax.fit` call runs as one SPMD program.
 
 >>> mesh = make_mesh("all")
 >>> mesh.axis_names
