@@ -58,21 +58,29 @@ def test_early_stopping_restores_best_validation_parameters(banana):
         np.testing.assert_array_equal(a, b)
 
 
-def test_patience_without_validation_watches_training_loss(banana):
-    flow = _small_flow()
+@pytest.mark.parametrize("val_fraction", [0.0, 0.25])
+def test_patience_stops_at_the_exact_step_on_a_plateau(banana, val_fraction):
+    """With a learning rate of 0 the monitored loss (validation NLL, or the full-batch
+    training loss without a split) never changes: the best step is 0, and patience 25 stops
+    the run at step 25, which is still taken (26 steps run)."""
     hist = nflax.fit(
-        flow,
+        _small_flow(layers=2),
         banana,
         key=jax.random.key(0),
         steps=5000,
-        patience=20,
-        val_fraction=0.0,
-        optimizer=optax.sgd(0.5),  # oscillates, so the loss soon stops improving
+        patience=25,
+        val_fraction=val_fraction,
+        optimizer=optax.sgd(0.0),
+        chunk_size=64,
         progress=False,
     )
-    assert hist.stop_reason in ("patience", "non_finite")
-    assert hist.steps_run < 5000
-    assert len(hist.val_loss) == 0
+    assert hist.stop_reason == "patience"
+    assert hist.best_step == 0 and hist.steps_run == 26
+    assert np.all(hist.loss == hist.loss[0])  # a true plateau
+    if val_fraction:
+        assert len(hist.val_loss) == 26 and np.all(hist.val_loss == hist.val_loss[0])
+    else:
+        assert len(hist.val_loss) == 0
 
 
 def test_minibatch_epochs_visit_every_point_once():
@@ -91,12 +99,48 @@ def test_minibatch_epochs_visit_every_point_once():
     assert not np.array_equal(epoch_permutation(key, 0, n, bsz), epoch_permutation(key, 1, n, bsz))
 
 
-def test_minibatch_fit_with_ragged_last_batch(banana):
-    flow = _small_flow()
-    # 512 points, batch 100: 6 batches an epoch, the last of 12 points
-    hist = nflax.fit(flow, banana, key=jax.random.key(2), steps=60, batch_size=100, progress=False)
-    assert hist.steps_run == 60 and np.all(np.isfinite(hist.loss))
-    assert hist.loss[-10:].mean() < hist.loss[:10].mean()
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+def test_ragged_last_batch_is_masked_and_nothing_recompiles(banana):
+    """512 points, batch 100: five full batches and a last one of 12 real rows (88 padding rows
+    of weight 0) per epoch. With the learning rate at 0 the flow stays fixed, so each logged
+    loss is the mean NLL of its batch's real rows under one flow: within every epoch the six
+    losses, weighted by their real rows, add up to the NLL of all 512 points (every point once;
+    padding counted, a batch skipped or a point seen twice would break it). The compiled chunk
+    is built once: no compile happens after the first chunk, whatever the batch."""
+    flow = _small_flow(layers=2)
+    total = float(np.sum(nflax.nll(flow, banana), dtype=np.float64))
+    compiles, at_callback = [], []
+
+    def listener(event, *_, **__):
+        if event == _BACKEND_COMPILE:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        hist = nflax.fit(
+            flow,
+            banana,
+            key=jax.random.key(2),
+            steps=60,
+            batch_size=100,
+            chunk_size=6,
+            optimizer=optax.sgd(0.0),
+            callback=lambda step, m: at_callback.append(len(compiles)),
+            progress=False,
+        )
+        after = len(compiles)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert hist.steps_run == 60 and len(at_callback) == 9
+    assert at_callback[0] >= 1  # the listener saw the chunk compile
+    assert at_callback == [at_callback[0]] * 9 and after == at_callback[0]
+    sizes = np.array([100, 100, 100, 100, 100, 12], np.float64)
+    for epoch in hist.loss.reshape(10, 6).astype(np.float64):
+        np.testing.assert_allclose(np.sum(sizes * epoch), total, rtol=2e-6)
+    # the 12-row batch is not a 100-row batch in disguise: its loss differs from every other
+    assert len(np.unique(hist.loss.reshape(10, 6)[:, 5])) == 10
 
 
 def test_same_seed_same_parameters(banana):
@@ -131,12 +175,27 @@ def test_nan_guard_stops_and_keeps_finite_parameters(banana):
     assert np.all(np.isfinite(nflax.nll(flow, banana)))
 
 
-def test_gradient_clipping_runs(banana):
-    flow = _small_flow()
-    hist = nflax.fit(
-        flow, banana, key=jax.random.key(0), steps=20, max_grad_norm=0.1, progress=False
-    )
-    assert hist.steps_run == 20 and np.all(np.isfinite(hist.loss))
+def _global_norm(arrays):
+    return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
+
+
+def test_gradient_clipping_bounds_the_update(banana):
+    """One SGD step of rate 1 with ``max_grad_norm=0.1`` moves the parameters by exactly 0.1
+    (global norm) when the gradient is larger, and by the gradient itself without clipping."""
+    flow = _small_flow(layers=2)
+    graphdef, params, rest = nnx.split(flow, nnx.Param, ...)
+    grads = jax.grad(lambda p: -nnx.merge(graphdef, p, rest).log_prob(banana).mean())(params)
+    g = _global_norm(jax.tree.leaves(grads))
+    assert g > 1.0
+    before = _params(flow)
+    kw = dict(key=jax.random.key(0), steps=1, optimizer=optax.sgd(1.0), progress=False)
+    nflax.fit(flow, banana, max_grad_norm=0.1, **kw)
+    step = _global_norm([a - b for a, b in zip(_params(flow), before, strict=True)])
+    assert step == pytest.approx(0.1, rel=1e-4)
+    unclipped = _small_flow(layers=2)
+    nflax.fit(unclipped, banana, **kw)
+    step = _global_norm([a - b for a, b in zip(_params(unclipped), before, strict=True)])
+    assert step == pytest.approx(g, rel=1e-4)
 
 
 def test_callback_and_progress(banana, capsys):
