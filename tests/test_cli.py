@@ -1,8 +1,10 @@
 """The `nflax` command: the default run, its files, sampling, and one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,12 +83,19 @@ def test_non_empty_run_folder_is_not_touched(default_run, capsys):
     assert sorted(p.name for p in default_run.iterdir()) == before
 
 
+def _installed_nflax() -> str:
+    """The `nflax` executable that `pip install` put beside this Python (else on PATH)."""
+    beside = Path(sys.executable).with_name("nflax")
+    exe = str(beside) if beside.is_file() else shutil.which("nflax")
+    assert exe, "the `nflax` console script is not installed (pip install -e .)"
+    return exe
+
+
 def test_console_script_entry_point():
-    r = subprocess.run(
-        [sys.executable, "-m", "nflax.cli", "train", "--dataset", "x"],
-        capture_output=True,
-        text=True,
-    )
+    exe = _installed_nflax()
+    with open(exe) as f:
+        assert "nflax.cli" in f.read()  # the script pip generated from [project.scripts]
+    r = subprocess.run([exe, "train", "--dataset", "x"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("nflax: error: unknown dataset 'x'")
     assert "Traceback" not in r.stderr

@@ -179,6 +179,7 @@ def test_bad_arguments(kwargs, match):
 def test_importance_diagnostics():
     log_w = jnp.log(jnp.array([1.0, 1.0, 0.0 + 1e-30, 2.0]))
     elbo, ess, log_z = importance_diagnostics(log_w)
+    np.testing.assert_allclose(elbo, (np.log(1e-30) + np.log(2.0)) / 4, rtol=1e-6)  # mean log w
     np.testing.assert_allclose(ess, 16 / 6 / 4, rtol=1e-5)  # (Σw)²/Σw² = 16/6
     np.testing.assert_allclose(log_z, np.log(1.0), atol=1e-6)  # mean w = 1
 
