@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -17,8 +16,6 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import perturb
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import nflax
 from nflax import checkpoint, flows
@@ -122,11 +119,15 @@ def _fit(data, steps, ckdir, resume=False, seed=0, **kw):
 def test_resume_is_exact(data, tmp_path):
     full, h_full = _fit(data, 180, tmp_path / "a")
     _fit(data, 90, tmp_path / "b")
-    resumed, h_res = _fit(data, 180, tmp_path / "b", resume=True, seed=99)  # other init: ignored
+    seen = []  # the steps at which the resumed run woke up between chunks
+    resumed, h_res = _fit(  # another initialisation: ignored, the checkpoint wins
+        data, 180, tmp_path / "b", resume=True, seed=99, callback=lambda s, m: seen.append(s)
+    )
+    assert seen == [120, 150]  # it went on from the latest checkpoint (90), not an earlier one
     for a, b in zip(
         jax.tree.leaves(nnx.state(full)), jax.tree.leaves(nnx.state(resumed)), strict=True
     ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit for bit
     np.testing.assert_array_equal(h_full.loss, h_res.loss)
     # the stopped run also evaluated its own last step (89); otherwise the same evaluations
     extra = set(h_res.val_steps.tolist()) - set(h_full.val_steps.tolist())
@@ -166,61 +167,49 @@ def test_resume_refuses_other_data_or_settings(data, tmp_path):
     assert snapshot(tmp_path / "c") == before
 
 
-# -- a process killed with SIGKILL ----------------------------------------------------------------
+# -- a process killed with SIGKILL in the middle of writing a checkpoint --------------------------
 def _cli(*args):
     return [sys.executable, "-m", "nflax.cli", *args]
 
 
-def test_sigkill_then_resume_completes_the_history(tmp_path):
-    run = tmp_path / "run"
-    flags = [
-        "--layers",
-        "2",
-        "--hidden",
-        "16",
-        "--steps",
-        "1500",
-        "--no-early-stopping",
-        "--checkpoint-every",
-        "100",
-        "--no-plots",
-        "--quiet",
-    ]
-    proc = subprocess.Popen(
-        _cli("train", "--out", str(run), *flags), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    ckdir = run / "checkpoints"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            steps = (
-                [int(p.name) for p in ckdir.glob("*") if p.name.isdigit()] if ckdir.exists() else []
-            )
-            if steps and max(steps) >= 300 or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert not (run / "metrics.json").exists()  # it really died mid-run
-    latest = max(int(p.name) for p in ckdir.glob("*") if p.name.isdigit())
-    assert 300 <= latest < 1500
+KILL_FLAGS = [
+    "--layers", "2", "--hidden", "16", "--num-points", "256", "--steps", "400",
+    "--checkpoint-every", "100", "--no-plots", "--quiet",
+]  # fmt: skip
+TIMING = {"steps_per_second", "compile_seconds", "train_seconds"}
+
+
+def _flow_arrays(run):
+    return [np.asarray(a) for a in jax.tree.leaves(nnx.state(nflax.load(run / "flow")))]
+
+
+def test_kill_during_a_checkpoint_write_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A run SIGKILLed while it writes checkpoint 300 (its files written under the temporary
+    name, the commit rename not yet done: the test-only hook in nflax.checkpoint), resumed,
+    ends exactly where an uninterrupted run ends: same history, metrics and parameters."""
+    full, run = tmp_path / "full", tmp_path / "run"
+    assert main(["train", "--out", str(full), *KILL_FLAGS]) == 0
+    env = {**os.environ, checkpoint.KILL_BEFORE_COMMIT: "300"}
     r = subprocess.run(
-        _cli("train", "--resume", str(run), "--quiet", "--no-plots"),
-        capture_output=True,
-        text=True,
-        timeout=400,
+        _cli("train", "--out", str(run), *KILL_FLAGS), env=env, capture_output=True, timeout=600
     )
-    assert r.returncode == 0, r.stderr[-2000:]
-    m = json.loads((run / "metrics.json").read_text())
-    assert m["steps_run"] == 1500
-    rows = (run / "history.csv").read_text().strip().splitlines()[1:]
-    assert len(rows) == 1500
-    assert [int(r.split(",")[0]) for r in rows] == list(range(1500))
-    assert all(np.isfinite(float(r.split(",")[1])) for r in rows)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    assert not (run / "metrics.json").exists()  # it died mid-run
+    ckdir = run / "checkpoints"
+    names = sorted(p.name for p in ckdir.iterdir())
+    assert [n for n in names if n.isdigit()] == ["100", "200"]  # 300 never committed
+    tmp = [p for p in ckdir.iterdir() if p.name.startswith("300") and "tmp" in p.name]
+    assert len(tmp) == 1 and (tmp[0] / "state").is_dir()  # ... though its files were written
+    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 0
+    assert sorted(p.name for p in ckdir.iterdir()) == ["200", "300", "400"]  # debris gone
+    assert (run / "history.csv").read_text() == (full / "history.csv").read_text()
+    m_run, m_full = (json.loads((d / "metrics.json").read_text()) for d in (run, full))
+    assert m_run["steps_run"] == 400
+    assert {k: v for k, v in m_run.items() if k not in TIMING} == {
+        k: v for k, v in m_full.items() if k not in TIMING
+    }
+    for a, b in zip(_flow_arrays(run), _flow_arrays(full), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # -- bad input, table driven ---------------------------------------------------------------------
@@ -370,39 +359,3 @@ def test_data_file_run_samples_in_original_units(tmp_path):
     s = np.load(tmp_path / "s.npy")
     assert np.all(np.abs(s.mean(0) - [10.0, -300.0]) < [0.3, 8.0]), s.mean(0)
     np.testing.assert_allclose(s.std(0), [2.0, 50.0], rtol=0.15)
-
-
-# -- fuzzing the loaders ---------------------------------------------------------------------------
-@settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(content=st.binary(max_size=300), suffix=st.sampled_from([".csv", ".npy", ".npz"]))
-def test_fuzz_loaders_bytes(tmp_path, content, suffix):
-    path = tmp_path / f"f{suffix}"
-    path.write_bytes(content)
-    try:
-        arr = load_array(path)
-    except DataFileError:
-        return
-    assert arr.ndim == 2 and arr.dtype == np.float32 and np.all(np.isfinite(arr))
-
-
-cells = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.integers(-(10**6), 10**6).map(str),
-    st.text(alphabet='0123456789.-+eE abcnaif,"', max_size=6),
-)
-
-
-@settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(rows=st.lists(st.lists(cells, min_size=1, max_size=4), max_size=6))
-def test_fuzz_csv_text(tmp_path, rows):
-    path = tmp_path / "f.csv"
-    path.write_text("\n".join(",".join(r) for r in rows))
-    try:
-        arr = load_array(path)
-    except DataFileError:
-        return
-    assert arr.ndim == 2 and arr.dtype == np.float32 and np.all(np.isfinite(arr))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import uuid
 from pathlib import Path
 
@@ -166,11 +167,12 @@ class TrainingCheckpoints:
         if int(keep) < 1:
             raise CheckpointError(f"checkpoints to keep must be ≥ 1, received {keep}")
         self._ocp = ocp
+        options = dict(max_to_keep=int(keep), enable_async_checkpointing=False, create=True)
+        kill_at = os.environ.get(KILL_BEFORE_COMMIT)
+        if kill_at:  # test-only: see KILL_BEFORE_COMMIT
+            options["temporary_path_class"] = _killed_before_commit(ocp, int(kill_at))
         self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=int(keep), enable_async_checkpointing=False, create=True
-            ),
+            self.directory, options=ocp.CheckpointManagerOptions(**options)
         )
 
     def latest_step(self) -> int | None:
@@ -227,6 +229,22 @@ class TrainingCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+# Test-only hook: with NFLAX_TEST_KILL_BEFORE_COMMIT=<step> in the environment, a process
+# writing training checkpoint <step> sends itself SIGKILL once every file of it is written under
+# its temporary name, just before the rename that commits it (tests/test_checkpoint.py).
+KILL_BEFORE_COMMIT = "NFLAX_TEST_KILL_BEFORE_COMMIT"
+
+
+def _killed_before_commit(ocp, step: int):
+    class KilledBeforeCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
+        async def finalize(self, *args, **kwargs):
+            if self.get_final().name == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await super().finalize(*args, **kwargs)
+
+    return KilledBeforeCommit
 
 
 def _shapes(arrays: list) -> list:
