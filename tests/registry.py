@@ -8,6 +8,7 @@ Adding a bijection = adding one line to ``REGISTRY``: a name and a factory
 import math
 
 import jax
+import numpy as np
 
 import nflax
 from nflax.bijections import (
@@ -29,8 +30,11 @@ from nflax.nets import MLP
 
 
 def _coupling(dim, rngs, parity=0, context_dim=None):
+    # for dim 1 the mask is [0] whatever the parity: mask [1] would pass the one coordinate
+    # through unchanged (an identity layer)
     net = MLP(dim + (context_dim or 0), 2 * dim, hidden=(16, 16), rngs=rngs)
-    return AffineCoupling(alternating_mask(dim, parity), net, context_dim=context_dim)
+    mask = alternating_mask(dim, 1 if dim == 1 else parity)
+    return AffineCoupling(mask, net, context_dim=context_dim)
 
 
 def _batchnorm(dim, rngs):
@@ -90,7 +94,9 @@ REGISTRY = {
     "actnorm": lambda d, r: ActNorm(d),
     "batchnorm": lambda d, r: _batchnorm(d, r),
     "lu_linear": lambda d, r: LULinear(d, rngs=r, permutation="random"),
-    "permute": lambda d, r: Chain([Affine(d), Permute(d, key=r.params())]),
+    # a rotation, never the identity for d ≥ 2 (a drawn permutation of 2 is the identity half
+    # the time); drawing one from a key is tested in test_catalogue
+    "permute": lambda d, r: Chain([Affine(d), Permute(d, permutation=np.roll(np.arange(d), 1))]),
     "reverse": lambda d, r: Chain([Affine(d), Reverse(d)]),
     "tanh": lambda d, r: _squash(d, [Tanh(d)]),
     "sigmoid": lambda d, r: _squash(d, [Sigmoid(d)]),
@@ -109,6 +115,23 @@ REGISTRY = {
     "nsf_coupling": lambda d, r: _nsf(d, r),
     "nsf_autoregressive": lambda d, r: _nsf(d, r, variant="autoregressive"),
 }
+# Elementary layers (by layer name) that are the identity for every input at these dims, by
+# definition: permuting one coordinate. Every other layer must move its input at every dim.
+IDENTITY_AT = {"Permute": {1}, "Reverse": {1}}
+
+# Parameters that get no gradient by construction, as (dim, only without context, path
+# suffix): at dim 1 a coupling's conditioner sees m ⊙ x = 0 (its first kernel only ever
+# multiplies zeros; with a context, the context's rows of it are live), and a MADE's first
+# masked layer connects the one coordinate to nothing (it has no predecessors; the context
+# enters through a separate dense layer). Only the biases after them carry the layer.
+NO_GRADIENT = [
+    (1, True, ("conditioner", "hidden", 0, "kernel")),
+    (1, False, ("made", "hidden", 0, "kernel")),
+    # LULinear: the strictly triangular parts of a 1×1 matrix are empty
+    (1, False, ("lower",)),
+    (1, False, ("upper",)),
+]
+
 # Conditional variants: factory (dim, rngs, context_dim) -> Bijection.
 CONDITIONAL = {
     "affine_coupling": lambda d, r, c: _coupling(d, r, context_dim=c),

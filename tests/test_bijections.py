@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import jacobian_log_det, perturb
-from registry import CONDITIONAL, REGISTRY, _coupling  # noqa: E402
+from registry import CONDITIONAL, IDENTITY_AT, NO_GRADIENT, REGISTRY, _coupling  # noqa: E402
 
 import nflax
 from nflax.bijections import (
@@ -33,18 +33,30 @@ def _inputs(dim, n=7, seed=1):
     return 2.0 * jax.random.normal(jax.random.key(seed), (n, dim))
 
 
-def _contract_outputs(b, x, context=None):
-    """Everything the contract checks, computed in ONE compiled program (fast to test).
+def _wide(dim):
+    """A wider batch for the gradient and "every layer moves" checks: after a few layers the
+    batch drifts (at dim 1 a coupling is a constant shift), and a layer downstream that sees
+    one sign only (LeakyReLU) would look dead on the round-trip inputs alone."""
+    return jnp.concatenate([_inputs(dim), jnp.linspace(-12.0, 12.0, 9)[:, None] * jnp.ones(dim)])
+
+
+def _contract_outputs(b, x, context=None, wide_context=None):
+    """Everything the contract checks, computed in ONE compiled program (fast to test): the
+    round trip and log-dets on ``x``, gradients and the trajectory on the wider batch.
 
     Data-dependent initialisation runs eagerly first; its state then enters as constants.
     """
     if any(getattr(m, "needs_data_init", False) for _, m in nnx.iter_graph(b)):
         b.forward(x, context)
-    graphdef, frozen, state = nnx.split(b, DataInit, ...)
+    graphdef, frozen, params, rest = nnx.split(b, DataInit, nnx.Param, ...)
+    xw = _wide(x.shape[-1])
 
     @jax.jit
-    def run(state, x, c):
-        m = nnx.merge(graphdef, frozen, state)
+    def run(params, rest, x, c, xw, cw):
+        def merged(p):
+            return nnx.merge(graphdef, frozen, p, rest, copy=True)
+
+        m = merged(params)
         z, ld = m.forward(x, c)
         x2, ld_inv = m.inverse(z, c)
         # The inverse's log-det needs no Jacobian of its own: with an exact round trip,
@@ -55,9 +67,17 @@ def _contract_outputs(b, x, context=None):
         else:
             jac_f = jacobian_log_det(lambda v, ci: m.forward(v, ci)[0], x, c)
         z3, ld3 = m.forward(x.reshape(1, *x.shape), None if c is None else c[None])
-        return dict(z=z, ld=ld, x2=x2, ld_inv=ld_inv, jac_f=jac_f, z3=z3, ld3=ld3)
 
-    return run(state, x, context)
+        def nll(p):
+            zp, ldp = merged(p).forward(xw, cw)
+            return 0.5 * jnp.sum(zp**2) - jnp.sum(ldp), zp
+
+        grads, zw = jax.grad(nll, has_aux=True)(params)
+        traj = m.trajectory(xw, cw)
+        out = dict(z=z, ld=ld, x2=x2, ld_inv=ld_inv, jac_f=jac_f, z3=z3, ld3=ld3)
+        return out | dict(grads=grads, traj=traj, zw=zw)
+
+    return run(params, rest, x, context, xw, wide_context)
 
 
 def _check_contract(out, x):
@@ -71,54 +91,80 @@ def _check_contract(out, x):
     np.testing.assert_allclose(out["ld3"][0], out["ld"], atol=1e-5)
 
 
+def _check_jit_equals_eager(b, out, x, context=None):
+    z_e, ld_e = b.forward(x, context)
+    np.testing.assert_allclose(out["z"], z_e, atol=1e-6)
+    np.testing.assert_allclose(out["ld"], ld_e, atol=1e-5)
+
+
+def _declared_dead(path, dim, conditional):
+    return any(
+        d == dim and not (only_unconditional and conditional) and path[-len(sfx) :] == sfx
+        for d, only_unconditional, sfx in NO_GRADIENT
+    )
+
+
+def _check_gradients_per_layer(b, grads, dim, conditional=False):
+    """Every parameter gets a finite, nonzero gradient, and so does every layer's slice of a
+    ``Stack``'s stacked ``(L, …)`` parameters (one dead layer cannot hide among live ones).
+    Parameters declared in ``registry.NO_GRADIENT`` are exempt from the nonzero part."""
+    stacked = [tuple(p) + ("layer",) for p, m in nnx.iter_graph(b) if isinstance(m, Stack)]
+    flat = list(nnx.to_flat_state(grads))
+    assert flat, "bijection has no parameters"
+    for path, g in flat:
+        g = np.asarray(g[...])
+        where = "/".join(map(str, path))
+        assert np.all(np.isfinite(g)), f"{where}: non-finite gradient"
+        if _declared_dead(tuple(path), dim, conditional):
+            continue
+        if any(path[: len(s)] == s for s in stacked):
+            live = np.any(g.reshape(g.shape[0], -1) != 0, axis=1)
+            dead = np.nonzero(~live)[0].tolist()
+            assert not dead, f"{where}: layer(s) {dead} of the Stack get no gradient"
+        else:
+            assert np.any(g != 0), f"{where}: gets no gradient"
+
+
+def _check_every_layer_moves(b, traj, dim):
+    """Each elementary layer changes its input (an identity layer is a bug, unless declared)."""
+    names = b.layer_names()
+    assert len(traj) == len(names) + 1
+    for i, name in enumerate(names):
+        if dim in IDENTITY_AT.get(name.removeprefix("Invert(").removesuffix(")"), ()):
+            np.testing.assert_array_equal(traj[i + 1], traj[i])
+            continue
+        moved = float(np.max(np.abs(np.asarray(traj[i + 1]) - np.asarray(traj[i]))))
+        assert moved > 1e-3, f"layer {i} ({name}) is the identity at dim {dim}"
+
+
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_contract(name, dim):
+    """Round trip, log-det = log|det Jacobian|, inverse log-det, batch dims, jit = eager,
+    gradients for every parameter and every layer of a Stack, every layer moves its input."""
     b = _make(REGISTRY[name], dim)
     assert isinstance(b, Bijection)
     x = _inputs(dim)
-    _check_contract(_contract_outputs(b, x), x)
+    out = _contract_outputs(b, x)
+    _check_contract(out, x)
+    _check_jit_equals_eager(b, out, x)
+    _check_gradients_per_layer(b, out["grads"], dim)
+    _check_every_layer_moves(b, out["traj"], dim)
+    np.testing.assert_allclose(out["traj"][-1], out["zw"], atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_jit_matches_eager_and_gradients_finite(name):
-    b = _make(REGISTRY[name], 2)
-    x = _inputs(2)
-    graphdef, state = nnx.split(b)
-
-    def f(state, x):
-        z, ld = nnx.merge(graphdef, state).forward(x)
-        return z, ld
-
-    z_e, ld_e = b.forward(x)
-    z_j, ld_j = jax.jit(f)(state, x)
-    np.testing.assert_allclose(z_j, z_e, atol=1e-6)
-    np.testing.assert_allclose(ld_j, ld_e, atol=1e-5)
-
-    graphdef, params, rest = nnx.split(b, nnx.Param, ...)
-
-    def loss(p):
-        z, ld = nnx.merge(graphdef, p, rest).forward(x)
-        return jnp.sum(z**2) - jnp.sum(ld)
-
-    grads = jax.grad(loss)(params)
-    leaves = jax.tree.leaves(grads)
-    assert leaves, "bijection has no parameters"
-    for g in leaves:
-        assert np.all(np.isfinite(g))
-    # every parameter array receives some gradient
-    assert all(np.any(np.asarray(g) != 0) for g in leaves), "a parameter gets no gradient"
-
-
-@pytest.mark.parametrize("dim", [2, 5])
+@pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("name", sorted(CONDITIONAL))
 def test_contract_with_context(name, dim):
     b = CONDITIONAL[name](dim, nnx.Rngs(0), 3)
     perturb(b, jax.random.key(5))
     x = _inputs(dim)
     c = jax.random.normal(jax.random.key(2), (7, 3))
-    out = _contract_outputs(b, x, c)
+    out = _contract_outputs(b, x, c, jax.random.normal(jax.random.key(3), (16, 3)))
     _check_contract(out, x)
+    _check_jit_equals_eager(b, out, x, c)
+    _check_gradients_per_layer(b, out["grads"], dim, conditional=True)
+    _check_every_layer_moves(b, out["traj"], dim)
     graphdef, state = nnx.split(b)
     fwd = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).forward(x, c)[0])
     # the context matters
