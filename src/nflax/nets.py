@@ -22,8 +22,8 @@ class MLP(nnx.Module):
 
     >>> from flax import nnx
     >>> net = MLP(2, 4, hidden=(8, 8), rngs=nnx.Rngs(0))
-    >>> net(jnp.ones((3, 2))).shape
-    (3, 4)
+    >>> net(jnp.ones((3, 2))).tolist()  # the output layer starts at zero
+    [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
     """
 
     def __init__(
@@ -132,9 +132,13 @@ class MADE(nnx.Module):
     starts as the identity.
 
     >>> from flax import nnx
-    >>> net = MADE(3, 2, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> import jax
+    >>> net = MADE(3, 2, hidden=(8,), zero_init_output=False, rngs=nnx.Rngs(0))
     >>> net(jnp.ones((5, 3))).shape
     (5, 3, 2)
+    >>> # ∂(first parameter of coordinate i)/∂x_j ≠ 0 only for j < i: strictly triangular
+    >>> (jax.jacobian(lambda v: net(v)[:, 0])(jnp.ones(3)) != 0).astype(int).tolist()
+    [[0, 0, 0], [1, 0, 0], [1, 1, 0]]
     """
 
     def __init__(

@@ -236,6 +236,8 @@ def fit_vi(
     ...                     progress=False)
     >>> hist.elbo.shape, hist.stop_reason
     ((10,), 'steps')
+    >>> bool(hist.elbo.max() < target.log_normalizer)  # a lower bound on log Z
+    True
     """
     who = "fit_vi"
     if not isinstance(flow, Flow):
@@ -413,8 +415,11 @@ def vi_diagnostics(
     >>> import jax, nflax
     >>> t = nflax.datasets.get_target("correlated_gaussian")
     >>> flow = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
-    >>> sorted(vi_diagnostics(flow, t.log_density, key=jax.random.key(0), num_samples=100))
+    >>> d = vi_diagnostics(flow, t.log_density, key=jax.random.key(0), num_samples=100)
+    >>> sorted(d)
     ['elbo', 'elbo_std_error', 'ess_fraction', 'log_z', 'num_samples']
+    >>> d["num_samples"], d["elbo"] <= d["log_z"], 0 < d["ess_fraction"] <= 1  # Jensen
+    (100, True, True)
     """
     num_samples = _positive_int("num_samples", num_samples, "vi_diagnostics")
     dim = flow.event_shape[0]
