@@ -24,7 +24,7 @@ from nflax.bijections.normalization import ActNorm
 from nflax.bijections.planar import Planar
 from nflax.bijections.splines import num_spline_params
 from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
-from nflax.nets import MLP
+from nflax.nets import MLP, get_activation
 
 CONSTRUCTORS: dict[str, Callable[..., Flow]] = {}
 
@@ -46,7 +46,8 @@ def _spec(name: str, **kwargs) -> str:
     return json.dumps({"constructor": name, "kwargs": kwargs}, sort_keys=True)
 
 
-def _check_dim(name: str, dim: int, num_layers: int) -> None:
+def _check_dim(name: str, dim: int, num_layers: int, activation: str = "tanh") -> None:
+    get_activation(activation, name)  # an unknown name fails here, named by the constructor
     if int(dim) < 1:
         raise ValueError(f"{name}: dim must be ≥ 1, received {dim}")
     if int(num_layers) < 1:
@@ -61,6 +62,7 @@ def realnvp(
     hidden: Sequence[int] = (64, 64),
     leaky_relu: bool = False,
     actnorm: bool = False,
+    activation: str = "tanh",
     context_dim: int | None = None,
     embedding: Sequence[int] | None = None,
     rngs: nnx.Rngs,
@@ -75,21 +77,24 @@ def realnvp(
     :class:`~nflax.bijections.LeakyReLU`. ``actnorm=True`` puts an
     :class:`~nflax.bijections.ActNorm` first, which standardises the data from the first
     training batch (the conditioners then see inputs of unit scale; ``nflax train`` uses it).
-    The identical blocks are stacked and scanned, so compile time does not grow with
-    ``num_layers``.
+    ``activation`` names the conditioners' activation (:data:`nflax.nets.ACTIVATIONS`):
+    ``"tanh"`` is the tutorial's; ``"silu"`` keeps growing beyond the training data, so the
+    flow's tails extrapolate instead of saturating (``nflax train`` uses it; measured in
+    ``benchmarks/README.md``). The identical blocks are stacked and scanned, so compile time
+    does not grow with ``num_layers``.
 
     >>> flow = realnvp(2, num_layers=4, rngs=nnx.Rngs(0))  # a fresh flow is the identity
     >>> [round(float(v), 4) for v in flow.log_prob(jnp.zeros((3, 2)))]  # −log 2π
     [-1.8379, -1.8379, -1.8379]
     """
-    _check_dim("realnvp", dim, num_layers)
+    _check_dim("realnvp", dim, num_layers, activation)
     dim, num_layers = int(dim), int(num_layers)
     hidden = tuple(int(h) for h in hidden)
     cond = _Conditioning("realnvp", context_dim, embedding, rngs)
     cin = dim + (cond.features or 0)
 
     def block(i: int) -> Bijection:
-        net = MLP(cin, 2 * dim, hidden=hidden, rngs=rngs)
+        net = MLP(cin, 2 * dim, hidden=hidden, activation=activation, rngs=rngs)
         layer = AffineCoupling(_coupling_mask(dim, i), net, context_dim=cond.features)
         return Chain([layer, LeakyReLU(dim)]) if leaky_relu else layer
 
@@ -103,6 +108,7 @@ def realnvp(
         hidden=list(hidden),
         leaky_relu=bool(leaky_relu),
         actnorm=bool(actnorm),
+        activation=activation,
         **cond.spec(),
     )
     return Flow(StandardNormal(dim), bijection, embedding=cond.net, spec=spec)
@@ -208,6 +214,7 @@ def nice(
     *,
     num_layers: int = 4,
     hidden: Sequence[int] = (64, 64),
+    activation: str = "tanh",
     context_dim: int | None = None,
     embedding: Sequence[int] | None = None,
     rngs: nnx.Rngs,
@@ -223,7 +230,7 @@ def nice(
     >>> [round(float(v), 4) for v in flow.log_prob(jnp.zeros((3, 2)))]  # −log 2π
     [-1.8379, -1.8379, -1.8379]
     """
-    _check_dim("nice", dim, num_layers)
+    _check_dim("nice", dim, num_layers, activation)
     dim, num_layers = int(dim), int(num_layers)
     hidden = tuple(int(h) for h in hidden)
     cond = _Conditioning("nice", context_dim, embedding, rngs)
@@ -231,13 +238,20 @@ def nice(
     couplings = [
         AdditiveCoupling(
             _coupling_mask(dim, i),
-            MLP(cin, dim, hidden=hidden, rngs=rngs),
+            MLP(cin, dim, hidden=hidden, activation=activation, rngs=rngs),
             context_dim=cond.features,
         )
         for i in range(num_layers)
     ]
     bijection = Chain([Stack(couplings), Affine(dim)])
-    spec = _spec("nice", dim=dim, num_layers=num_layers, hidden=list(hidden), **cond.spec())
+    spec = _spec(
+        "nice",
+        dim=dim,
+        num_layers=num_layers,
+        hidden=list(hidden),
+        activation=activation,
+        **cond.spec(),
+    )
     return Flow(StandardNormal(dim), bijection, embedding=cond.net, spec=spec)
 
 
@@ -262,16 +276,21 @@ def _autoregressive_layers(
     ]
 
 
-def _autoregressive_flow(name, dim, num_layers, hidden, context_dim, embedding, rngs, *, invert):
+def _autoregressive_flow(
+    name, dim, num_layers, hidden, activation, context_dim, embedding, rngs, *, invert
+):
     """maf (``invert=False``) or iaf (every layer inverted), with its spec."""
-    _check_dim(name, dim, num_layers)
+    _check_dim(name, dim, num_layers, activation)
     cond = _Conditioning(name, context_dim, embedding, rngs)
-    layers = _autoregressive_layers(dim, num_layers, hidden, cond.features, rngs)
+    layers = _autoregressive_layers(
+        dim, num_layers, hidden, cond.features, rngs, activation=activation
+    )
     spec = _spec(
         name,
         dim=int(dim),
         num_layers=int(num_layers),
         hidden=[int(h) for h in hidden],
+        activation=activation,
         **cond.spec(),
     )
     bijection = Stack([Invert(b) for b in layers] if invert else layers)
@@ -284,6 +303,7 @@ def maf(
     *,
     num_layers: int = 5,
     hidden: Sequence[int] = (64, 64),
+    activation: str = "tanh",
     context_dim: int | None = None,
     embedding: Sequence[int] | None = None,
     rngs: nnx.Rngs,
@@ -300,7 +320,7 @@ def maf(
     [-1.8379, -1.8379, -1.8379]
     """
     return _autoregressive_flow(
-        "maf", dim, num_layers, hidden, context_dim, embedding, rngs, invert=False
+        "maf", dim, num_layers, hidden, activation, context_dim, embedding, rngs, invert=False
     )
 
 
@@ -310,6 +330,7 @@ def iaf(
     *,
     num_layers: int = 5,
     hidden: Sequence[int] = (64, 64),
+    activation: str = "tanh",
     context_dim: int | None = None,
     embedding: Sequence[int] | None = None,
     rngs: nnx.Rngs,
@@ -327,7 +348,7 @@ def iaf(
     ((4, 2), True)
     """
     return _autoregressive_flow(
-        "iaf", dim, num_layers, hidden, context_dim, embedding, rngs, invert=True
+        "iaf", dim, num_layers, hidden, activation, context_dim, embedding, rngs, invert=True
     )
 
 
@@ -341,6 +362,7 @@ def nsf(
     bins: int = 8,
     bound: float = 3.0,
     actnorm: bool = False,
+    activation: str = "tanh",
     context_dim: int | None = None,
     embedding: Sequence[int] | None = None,
     rngs: nnx.Rngs,
@@ -368,17 +390,23 @@ def nsf(
         raise ValueError(f"nsf: expected bins ≥ 2 and bound > 0, received {bins} and {bound}")
     dim, num_layers, bins, bound = int(dim), int(num_layers), int(bins), float(bound)
     hidden = tuple(int(h) for h in hidden)
-    _check_dim("nsf", dim, num_layers)
+    _check_dim("nsf", dim, num_layers, activation)
     cond = _Conditioning("nsf", context_dim, embedding, rngs)
     if variant == "autoregressive":
-        spline = {"transformer": "spline", "bins": bins, "bound": bound}
+        spline = {"transformer": "spline", "bins": bins, "bound": bound, "activation": activation}
         layers = _autoregressive_layers(dim, num_layers, hidden, cond.features, rngs, **spline)
     else:
         cout = dim * num_spline_params(bins)
         layers = [
             SplineCoupling(
                 _coupling_mask(dim, i),
-                MLP(dim + (cond.features or 0), cout, hidden=hidden, rngs=rngs),
+                MLP(
+                    dim + (cond.features or 0),
+                    cout,
+                    hidden=hidden,
+                    activation=activation,
+                    rngs=rngs,
+                ),
                 bins=bins,
                 bound=bound,
                 context_dim=cond.features,
@@ -394,6 +422,7 @@ def nsf(
         bins=bins,
         bound=bound,
         actnorm=bool(actnorm),
+        activation=activation,
         **cond.spec(),
     )
     bijection = Stack(layers)

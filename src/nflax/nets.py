@@ -13,12 +13,44 @@ from flax import nnx
 # bijections that use these nets import this module.
 from nflax.bijections.base import Buffer
 
+Activation = Callable[[jax.Array], jax.Array]
+
+# Named activations, so a constructor can record its choice in a checkpoint's spec.
+ACTIVATIONS: dict[str, Activation] = {
+    "tanh": jnp.tanh,
+    "silu": jax.nn.silu,
+    "gelu": jax.nn.gelu,
+    "elu": jax.nn.elu,
+    "relu": jax.nn.relu,
+    "softplus": jax.nn.softplus,
+}
+
+
+def get_activation(activation: str | Activation, who: str = "MLP") -> Activation:
+    """``activation`` itself when callable, else the function named in :data:`ACTIVATIONS`.
+
+    ``tanh`` saturates: beyond the training data a tanh conditioner's outputs stop changing.
+    ``silu``, ``gelu``, ``elu``, ``relu`` and ``softplus`` continue linearly, which matters
+    for a flow's tails (see ``benchmarks/README.md``).
+
+    >>> get_activation("silu") is jax.nn.silu
+    True
+    """
+    if callable(activation):
+        return activation
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{who}: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[activation]
+
 
 class MLP(nnx.Module):
     """Dense → activation → … → Dense, the tutorial's hypernetwork.
 
     With ``zero_init_output=True`` (the default) the last layer starts at zero, so a coupling
-    layer built on it starts as the identity map.
+    layer built on it starts as the identity map. ``activation``: a function or a name from
+    :data:`ACTIVATIONS` (default ``"tanh"``, the tutorial's).
 
     >>> from flax import nnx
     >>> net = MLP(2, 4, hidden=(8, 8), rngs=nnx.Rngs(0))
@@ -32,7 +64,7 @@ class MLP(nnx.Module):
         out_features: int,
         *,
         hidden: Sequence[int] = (64, 64),
-        activation: Callable[[jax.Array], jax.Array] = jnp.tanh,
+        activation: str | Activation = "tanh",
         zero_init_output: bool = True,
         rngs: nnx.Rngs,
     ):
@@ -49,7 +81,7 @@ class MLP(nnx.Module):
             nnx.initializers.zeros_init() if zero_init_output else nnx.initializers.lecun_normal()
         )
         self.out = nnx.Linear(sizes[-1], int(out_features), kernel_init=init, rngs=rngs)
-        self.activation = activation
+        self.activation = get_activation(activation, "MLP")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
 
@@ -149,7 +181,7 @@ class MADE(nnx.Module):
         hidden: Sequence[int] = (64, 64),
         context_dim: int | None = None,
         order: Sequence[int] | None = None,
-        activation: Callable[[jax.Array], jax.Array] = jnp.tanh,
+        activation: str | Activation = "tanh",
         zero_init_output: bool = True,
         rngs: nnx.Rngs,
     ):
@@ -178,7 +210,7 @@ class MADE(nnx.Module):
             else nnx.Linear(int(context_dim), hidden[0], use_bias=False, rngs=rngs)
         )
         self.degrees = Buffer(jnp.asarray(degrees[0], jnp.int32))
-        self.activation = activation
+        self.activation = get_activation(activation, "MADE")
         self.in_features, self.num_params = d, p
         self.context_dim = None if context_dim is None else int(context_dim)
 

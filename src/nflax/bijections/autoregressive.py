@@ -60,7 +60,7 @@ class MaskedAutoregressive(Bijection):
         order: Sequence[int] | None = None,
         bins: int = 8,
         bound: float = 3.0,
-        activation: Callable[[Array], Array] = jnp.tanh,
+        activation: str | Callable[[Array], Array] = "tanh",
         rngs: nnx.Rngs,
     ):
         if int(dim) < 1:
