@@ -215,6 +215,7 @@ def fit(
     resume: bool = False,
     mesh: Mesh | None = None,
     devices: str | Sequence | None = None,
+    ema: float | None = None,
 ) -> History:
     """Fit ``flow`` to data ``x`` by maximum likelihood (minimise the mean NLL), in place.
 
@@ -253,6 +254,10 @@ def fit(
         batch is padded and masked). With several processes (:func:`nflax.parallel.initialize`)
         each passes its own rows as ``x``; they are gathered, in process order.
       devices: ``"all"`` (or a list of devices) builds that mesh for you.
+      ema: keep an exponential moving average of the parameters, ``θ̄_t = ema·θ̄_{t−1} +
+        (1 − ema)·θ_t`` (bias-corrected, as Adam's moments), e.g. ``0.99``. The validation
+        NLL, the best parameters and the parameters the flow ends with are then those of the
+        average, which is far less noisy than the last iterate (Polyak averaging).
       resume: continue from the latest checkpoint in ``checkpoint_dir`` (the same data, key
         and settings are required, and checked); without one, start from scratch. A run of
         ``2N`` steps and a run of ``N`` steps resumed to ``2N`` give the same parameters.
@@ -299,6 +304,10 @@ def fit(
         raise ValueError("fit: resume=True needs a checkpoint_dir")
     if max_grad_norm is not None and not float(max_grad_norm) > 0:
         raise ValueError(f"fit: max_grad_norm must be > 0, received {max_grad_norm}")
+    if ema is not None:
+        if isinstance(ema, bool) or not 0.0 <= float(ema) < 1.0:
+            raise ValueError(f"fit: ema must be a decay in [0, 1), received {ema!r}")
+        ema = float(ema)
 
     n = data.shape[0]
     n_val = int(round(float(val_fraction) * n)) if val_fraction > 0 else 0
@@ -383,11 +392,19 @@ def fit(
             lambda q: _nll(graphdef, q, rest, xb, w, frozen, cb), has_aux=True
         )(p)
         finite = jnp.isfinite(loss) & _all_finite(grads)
+        avg, p_mon = _average(carry, p, t)  # the monitored parameters (p, or their average)
         if has_val:
             do_eval = (t % eval_every == 0) | (t == total - 1)
             metric = jax.lax.cond(
                 do_eval,
-                lambda: _nll(graphdef_eval, p, rest, d[1], None, frozen, d[3])[0],
+                lambda: _nll(graphdef_eval, p_mon, rest, d[1], None, frozen, d[3])[0],
+                lambda: jnp.float32(jnp.nan),
+            )
+        elif ema is not None:  # no validation split: the training batch, at the average
+            do_eval = (t % eval_every == 0) | (t == total - 1)
+            metric = jax.lax.cond(
+                do_eval,
+                lambda: _nll(graphdef, p_mon, rest, xb, w, frozen, cb)[0],
                 lambda: jnp.float32(jnp.nan),
             )
         else:
@@ -406,13 +423,23 @@ def fit(
             opt_state=_tree_where(finite, new_opt, carry["opt_state"]),
             perm=perm,
             step=jnp.where(finite, t + 1, t),
-            best_params=_tree_where(improved, p, carry["best_params"]),
+            best_params=_tree_where(improved, p_mon, carry["best_params"]),
             best_rest=_tree_where(improved, rest, carry["best_rest"]),
             best_metric=jnp.where(improved, metric, carry["best_metric"]),
             best_step=best_step,
             status=status,
         )
+        if ema is not None:
+            new["avg"] = _tree_where(finite, avg, carry["avg"])
         return new, (jnp.where(finite, loss, jnp.nan), jnp.where(do_eval, metric, jnp.nan))
+
+    def _average(carry, p, t):
+        """The running average including step ``t``'s parameters, and its bias-corrected value
+        (``(None, p)`` without ``ema``)."""
+        if ema is None:
+            return None, p
+        avg = optax.tree_utils.tree_update_moment(p, carry["avg"], ema, 1)
+        return avg, optax.tree_utils.tree_bias_correction(avg, ema, t + 1)
 
     def chunk(carry, d, total):
         return run_chunk(lambda c: do_step(c, d, total), carry, total, chunk_size, 2)
@@ -430,6 +457,8 @@ def fit(
         best_step=jnp.int32(-1),
         status=jnp.int32(_RUNNING),
     )
+    if ema is not None:
+        carry["avg"] = jax.tree.map(jnp.zeros_like, params)
     total = jnp.int32(steps)
     args = ((x_train, x_val, c_train, c_val), total)
     t0 = time.perf_counter()
@@ -454,6 +483,7 @@ def fit(
             "key": np.asarray(jax.random.key_data(key)).tolist(),
             "val_fraction": float(val_fraction),
             "batch_size": bsz,
+            "ema": ema,
         }
         try:  # a refused resume must not leave orbax's threads running
             leaves, treedef = jax.tree.flatten(carry)
@@ -530,6 +560,9 @@ def fit(
     restored = bool(restore_best and best_step >= 0)
     if restored:
         nnx.update(flow, carry["best_params"], carry["best_rest"])
+    elif ema is not None and steps_run > 0:
+        avg = optax.tree_utils.tree_bias_correction(carry["avg"], ema, steps_run)
+        nnx.update(flow, avg, carry["rest"])
     else:
         nnx.update(flow, carry["params"], carry["rest"])
     flow.eval()
