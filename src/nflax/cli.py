@@ -44,6 +44,13 @@ def _checked(convert, ok, what: str):
     return parse
 
 
+# nflax.nets.ACTIVATIONS, spelled out here so that parsing flags does not import JAX (a test
+# checks that the two agree)
+ACTIVATIONS = ("tanh", "silu", "gelu", "elu", "relu", "softplus")
+# The activation `nflax train` gives conditioners when --activation is not set: silu's tails
+# extrapolate where tanh saturates (benchmarks/README.md, robustness over seeds).
+TRAIN_ACTIVATION = "silu"
+
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -116,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no leading ActNorm (which standardises the data); the tutorial's exact stack",
     )
+    t.add_argument(
+        "--activation",
+        choices=ACTIVATIONS,
+        default=None,
+        help="conditioner activation (default: silu, which keeps growing beyond the data, so "
+        "the tails extrapolate; tanh is the tutorial's)",
+    )
     t.add_argument("--steps", type=_positive_int, default=4000, help="maximum optimizer steps")
     t.add_argument(
         "--batch-size",
@@ -181,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--leaky-relu", action="store_true", help="interleave LeakyReLU (realnvp)")
     v.add_argument(
+        "--activation", choices=ACTIVATIONS, default=None, help="conditioner activation (tanh)"
+    )
+    v.add_argument(
         "--steps", type=_positive_int, default=5000, help="optimizer steps (default: 5000)"
     )
     v.add_argument(
@@ -221,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-def _flow_kwargs(args, dim: int) -> dict:
+def _flow_kwargs(args, dim: int, activation: str = "tanh") -> dict:
+    """The constructor's keyword arguments from the flags; ``activation`` is the command's
+    default for ``--activation``."""
     from nflax import flows
 
     if args.flow not in flows.CONSTRUCTORS:
@@ -236,11 +255,12 @@ def _flow_kwargs(args, dim: int) -> dict:
         ("--hidden", "hidden", list(args.hidden)),
         ("--leaky-relu", "leaky_relu", args.leaky_relu),
         ("--no-actnorm", "actnorm", not getattr(args, "no_actnorm", True)),
+        ("--activation", "activation", args.activation or activation),
     ]:
         if name in params:
             kwargs[name] = value
-        elif flag == "--leaky-relu" and value:
-            raise UsageError(f"--leaky-relu is not an option of flow {args.flow!r}")
+        elif (flag == "--leaky-relu" and value) or (flag == "--activation" and args.activation):
+            raise UsageError(f"{flag} is not an option of flow {args.flow!r}")
     return kwargs
 
 
@@ -329,7 +349,7 @@ def _train(args) -> int:
             raise UsageError(str(e)) from None
         config.update(dataset=ds.name, dim=ds.dim)
         name = ds.name
-    config["flow_kwargs"] = _flow_kwargs(args, config["dim"])
+    config["flow_kwargs"] = _flow_kwargs(args, config["dim"], TRAIN_ACTIVATION)
     if args.conditional:
         from nflax import flows
 
