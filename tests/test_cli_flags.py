@@ -1,0 +1,265 @@
+"""Each `nflax` flag checked by what it changes: small runs (a few seconds each), compared in
+pairs that differ in that flag only, and the error paths of flags that do not go together."""
+
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import nflax
+from nflax.checkpoint import TrainingCheckpoints
+from nflax.cli import main
+
+TRAIN = [
+    "train", "--num-points", "128", "--layers", "2", "--hidden", "8", "--steps", "30",
+    "--no-early-stopping", "--schedule", "constant", "--lr", "0.01", "--weight-decay", "0",
+    "--checkpoint-every", "30", "--no-plots", "--quiet",
+]  # fmt: skip
+TIMING = {"steps_per_second", "compile_seconds", "train_seconds"}
+TRAIN_RUNS = {
+    "seed3": ["--seed", "3"],
+    "seed3_again": ["--seed", "3"],
+    "seed4": ["--seed", "4"],
+    "weight_decay": ["--seed", "3", "--weight-decay", "0.5"],
+    "warmup": ["--seed", "3", "--schedule", "warmup-cosine"],
+    "devices": ["--seed", "3", "--devices", "all"],
+    "moons_leaky": [
+        "--seed",
+        "3",
+        "--dataset",
+        "moons",
+        "--leaky-relu",
+        "--no-actnorm",
+        "--batch-size",
+        "32",
+    ],  # fmt: skip
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flags")
+    for name, extra in TRAIN_RUNS.items():
+        assert main([*TRAIN, "--out", str(root / name), *extra]) == 0, name
+    return {name: root / name for name in TRAIN_RUNS}
+
+
+def _config(run):
+    return json.loads((run / "config.json").read_text())
+
+
+def _metrics(run):
+    m = json.loads((run / "metrics.json").read_text())
+    return {k: v for k, v in m.items() if k not in TIMING}
+
+
+def _column(run, name):
+    with open(run / "history.csv") as f:
+        return np.array([float(r[name]) for r in csv.DictReader(f)], np.float64)
+
+
+def _flow_arrays(run):
+    return [np.asarray(a) for a in jax.tree.leaves(nnx.state(nflax.load(run / "flow")))]
+
+
+def test_seed_same_seed_same_run_other_seed_other_run(runs):
+    a, again, other = runs["seed3"], runs["seed3_again"], runs["seed4"]
+    assert _config(a)["seed"] == 3 and _config(other)["seed"] == 4
+    assert (a / "history.csv").read_text() == (again / "history.csv").read_text()
+    assert _metrics(a) == _metrics(again)
+    for x, y in zip(_flow_arrays(a), _flow_arrays(again), strict=True):
+        np.testing.assert_array_equal(x, y)
+    # another seed: other training points, initialisation and test points
+    assert _column(a, "loss")[0] != _column(other, "loss")[0]
+    assert _metrics(a)["true_nll"] != _metrics(other)["true_nll"]
+    assert any(
+        not np.array_equal(x, y) for x, y in zip(_flow_arrays(a), _flow_arrays(other), strict=True)
+    )
+
+
+def test_weight_decay_changes_the_updates_only(runs):
+    a, wd = runs["seed3"], runs["weight_decay"]
+    assert _config(a)["weight_decay"] == 0.0 and _config(wd)["weight_decay"] == 0.5
+    la, lw = _column(a, "loss"), _column(wd, "loss")
+    assert la[0] == lw[0]  # same data and initialisation
+    assert np.all(la[1:] != lw[1:])  # every update differs
+
+
+def test_schedule_warmup_starts_at_rate_zero_constant_does_not(runs):
+    const, warm = runs["seed3"], runs["warmup"]
+    assert _config(const)["schedule"] == "constant"
+    assert _config(warm)["schedule"] == "warmup-cosine"
+    lc, lw = _column(const, "loss"), _column(warm, "loss")
+    assert lc[0] == lw[0]
+    assert lw[1] == lw[0] and lw[2] != lw[1]  # full batch: step 0's rate is 0, step 1's is not
+    assert lc[1] != lc[0]
+
+
+def test_devices_all_trains_the_same_model(runs):
+    a, dev = runs["seed3"], runs["devices"]
+    assert _config(dev)["devices"] == "all" and _config(a)["devices"] is None
+    n = len(jax.devices())  # one device here: the same numbers; several: the same up to rounding
+    np.testing.assert_allclose(_column(dev, "loss"), _column(a, "loss"), rtol=0 if n == 1 else 1e-5)
+    assert _metrics(dev)["steps_run"] == 30
+
+
+def test_dataset_leaky_relu_no_actnorm_batch_size(runs):
+    a, run = runs["seed3"], runs["moons_leaky"]
+    cfg = _config(run)
+    assert cfg["dataset"] == "moons" and cfg["batch_size"] == 32
+    assert cfg["flow_kwargs"]["leaky_relu"] is True and cfg["flow_kwargs"]["actnorm"] is False
+    assert "true_nll" not in _metrics(run)  # moons has no exact density; the banana has
+    assert "true_nll" in _metrics(a)
+    assert nflax.load(run / "flow").layer_names() == ["AffineCoupling", "LeakyReLU"] * 2
+    assert nflax.load(a / "flow").layer_names() == ["ActNorm"] + ["AffineCoupling"] * 2
+    # the training state records the batch size the run drew its minibatches with
+    ck = TrainingCheckpoints(run / "checkpoints")
+    try:
+        assert ck.latest_step() == 30
+        record = ck.record()
+    finally:
+        ck.close()
+    assert record["fingerprint"]["batch_size"] == 32 and len(record["loss"]) == 30
+
+
+def test_patience_and_val_fraction(tmp_path):
+    """A learning rate of 1e-30 changes no float32 loss: a plateau. Patience 7 stops at step 7
+    exactly; the 25 % validation split is 32 of the 128 points, so step 0's training loss (96
+    points) and validation loss (32 points), weighted, give the NLL of all 128 points."""
+    out = tmp_path / "plateau"
+    args = ["train", "--num-points", "128", "--layers", "2", "--hidden", "8", "--steps", "400"]
+    args += ["--patience", "7", "--val-fraction", "0.25", "--lr", "1e-30", "--schedule"]
+    args += ["constant", "--weight-decay", "0", "--no-plots", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    cfg, m = _config(out), _metrics(out)
+    assert cfg["patience"] == 7 and cfg["val_fraction"] == 0.25
+    assert m["stop_reason"] == "patience" and m["steps_run"] == 8 and m["best_step"] == 0
+    loss, val = _column(out, "loss"), _column(out, "val_loss")
+    assert np.all(loss == loss[0]) and np.all(val == val[0])  # evaluated every step
+    np.testing.assert_allclose((96 * loss[0] + 32 * val[0]) / 128, m["train_nll"], rtol=1e-6)
+
+
+def test_sample_seed(runs, tmp_path):
+    def sample(*seed):
+        out = tmp_path / f"s{'-'.join(seed) or 'default'}.npy"
+        assert main(["sample", str(runs["seed3"]), "-n", "50", "-o", str(out), *seed]) == 0
+        return np.load(out)
+
+    one, one_again, two = sample("--seed", "1"), sample("--seed", "1"), sample("--seed", "2")
+    assert one.shape == (50, 2) and np.all(np.isfinite(one))
+    np.testing.assert_array_equal(one, one_again)
+    assert not np.any(one == two)
+    np.testing.assert_array_equal(sample(), sample("--seed", "0"))  # the default seed is 0
+
+
+VI = [
+    "vi", "--target", "ring", "--flow", "maf", "--layers", "2", "--hidden", "8", "--steps", "20",
+    "--num-samples", "64", "--no-plots", "--quiet",
+]  # fmt: skip
+VI_RUNS = {
+    "lr01_seed1": ["--lr", "0.01", "--seed", "1"],
+    "lr01_seed1_again": ["--lr", "0.01", "--seed", "1"],
+    "lr01_seed2": ["--lr", "0.01", "--seed", "2"],
+    "lr03_seed1": ["--lr", "0.03", "--seed", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def vi_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vi_flags")
+    for name, extra in VI_RUNS.items():
+        assert main([*VI, "--out", str(root / name), *extra]) == 0, name
+    return {name: root / name for name in VI_RUNS}
+
+
+def test_vi_flow_lr_seed_no_plots(vi_runs):
+    base = vi_runs["lr01_seed1"]
+    cfg = _config(base)
+    assert cfg["flow"] == "maf" and cfg["lr"] == 0.01 and cfg["seed"] == 1
+    assert json.loads((base / "flow" / "nflax.json").read_text())["spec"]["constructor"] == "maf"
+    assert nflax.load(base / "flow").layer_names() == ["MaskedAutoregressive"] * 2
+    assert not list(base.glob("*.png"))  # --no-plots
+    elbo = _column(base, "elbo")
+    # --seed: the same seed gives the same run, another seed another one
+    np.testing.assert_array_equal(_column(vi_runs["lr01_seed1_again"], "elbo"), elbo)
+    assert _column(vi_runs["lr01_seed2"], "elbo")[0] != elbo[0]
+    # --lr: the same samples at step 0, other updates after it
+    faster = _column(vi_runs["lr03_seed1"], "elbo")
+    assert _config(vi_runs["lr03_seed1"])["lr"] == 0.03
+    assert faster[0] == elbo[0] and np.all(faster[1:] != elbo[1:])
+
+
+def test_vi_dim(tmp_path):
+    out = tmp_path / "cg3"
+    args = ["vi", "--target", "correlated_gaussian", "--dim", "3", "--layers", "2"]
+    args += ["--hidden", "8", "--steps", "20", "--num-samples", "64", "--no-plots", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert _config(out)["dim"] == 3 and _config(out)["flow_kwargs"]["dim"] == 3
+    assert nflax.load(out / "flow").sample(jax.random.key(0), 4).shape == (4, 3)
+    assert np.isfinite(_metrics(out)["covariance_rel_error"])  # a Gaussian target: moments
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--conditional", "--data", "points.csv"],
+            "--conditional works with the built-in conditional sets, not --data",
+        ),
+        (
+            ["train", "--flow", "nice", "--leaky-relu"],
+            "--leaky-relu is not an option of flow 'nice'",
+        ),
+        (["vi", "--flow", "maf", "--leaky-relu"], "--leaky-relu is not an option of flow 'maf'"),
+        (["train", "--coordinator", "localhost:1234"], "--coordinator needs --num-processes and"),
+        (
+            ["train", "--coordinator", "localhost:1234", "--num-processes", "2"],
+            "--coordinator needs --num-processes and --process-id",
+        ),
+        (
+            ["train", "--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "0"],
+            "--coordinator needs --out",
+        ),
+        (
+            ["train", "--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "5"]
+            + ["--out", "somewhere"],
+            "process_id must be in [0, 2), received 5",
+        ),
+        (["train", "--val-fraction", "0"], "--val-fraction 0 leaves nothing to stop early on"),
+        (["train", "--val-fraction", "1"], "expected a number in [0, 1), got '1'"),
+        (["train", "--patience", "0"], "expected a positive integer, got '0'"),
+        (["train", "--schedule", "linear"], "invalid choice: 'linear'"),
+        (["train", "--devices", "some"], "invalid choice: 'some'"),
+        (["train", "--weight-decay", "x"], "invalid float value: 'x'"),
+    ],
+)
+def test_flags_that_do_not_go_together_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, and surely not in the repository
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nflax: error: ") and message in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_after_the_data_file_changed(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "points.csv"
+    np.savetxt(data, rng.normal(size=(200, 2)), delimiter=",")
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--layers", "2", "--hidden", "8", "--steps", "20"]
+    assert main([*args, "--no-plots", "--quiet", "--out", str(run)]) == 0
+    before = (run / "history.csv").read_text()
+    # the same shape, other values: the checkpoints' fingerprint refuses it
+    np.savetxt(data, rng.normal(size=(200, 2)), delimiter=",")
+    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "come from a run with other data" in err, err
+    # another number of columns: refused before anything is loaded into a flow
+    np.savetxt(data, rng.normal(size=(200, 3)), delimiter=",")
+    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "now has 3 column(s); the run was started with 2" in err, err
+    assert (run / "history.csv").read_text() == before
