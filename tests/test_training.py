@@ -6,8 +6,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import perturb
 
 import nflax
+from nflax.bijections import Chain
 from nflax.training import batch_indices, epoch_permutation
 
 
@@ -269,6 +271,41 @@ def test_bad_data_is_rejected_before_compiling(data, match):
 def test_bad_arguments(banana, kwargs, match):
     with pytest.raises(ValueError, match=match):
         nflax.fit(_small_flow(), banana, key=jax.random.key(0), **kwargs)
+
+
+def test_nll_in_batches_smaller_than_the_data(banana):
+    flow = _small_flow(layers=2)
+    perturb(flow, jax.random.key(0), scale=0.2)
+    whole = nflax.nll(flow, banana)
+    assert whole.shape == (512,) and whole.dtype == np.float32
+    np.testing.assert_allclose(whole, -np.asarray(flow.log_prob(banana)), rtol=1e-6)
+    for batch_size in (100, 7, 512, 1000):  # a ragged last batch, tiny batches, one, more
+        np.testing.assert_allclose(nflax.nll(flow, banana, batch_size=batch_size), whole, rtol=1e-6)
+
+
+def test_batchnorm_is_trained_by_fit_and_left_in_evaluation_mode(banana):
+    """BatchNorm first in the flow: fit trains with batch statistics (the running averages
+    follow the data's moments), validates and leaves the flow in evaluation mode, where the
+    density uses the running averages, so nll gives the best step's validation loss back."""
+    bn = nflax.bijections.BatchNorm(2, momentum=0.9)
+    flow = nflax.Flow(nflax.StandardNormal(2), Chain([bn, _small_flow(layers=2).bijection]))
+    hist = nflax.fit(
+        flow,
+        banana,
+        key=jax.random.key(0),
+        steps=300,
+        batch_size=64,
+        patience=1000,
+        optimizer=optax.adam(3e-3),
+        progress=False,
+    )
+    assert bn.use_running_average  # evaluation mode
+    mean, var = np.asarray(bn.running_mean[...]), np.asarray(bn.running_var[...])
+    np.testing.assert_allclose(mean, banana.mean(0), atol=0.25 * banana.std(0).max())
+    np.testing.assert_allclose(var, banana.var(0), rtol=0.35)
+    assert hist.loss[-20:].mean() < hist.loss[:20].mean() - 0.3  # it learned
+    best = hist.val_loss[list(hist.val_steps).index(hist.best_step)]
+    np.testing.assert_allclose(nflax.nll(flow, banana[hist.val_index]).mean(), best, rtol=1e-5)
 
 
 def test_trained_density_integrates_to_one():
