@@ -109,7 +109,13 @@ def test_devices_all_trains_the_same_model(runs):
 def test_dataset_leaky_relu_no_actnorm_batch_size(runs):
     a, run = runs["seed3"], runs["moons_leaky"]
     cfg = _config(run)
-    assert cfg["dataset"] == "moons" and cfg["batch_size"] == 32
+    assert cfg["dataset"] == "moons" and cfg["batch_size"] == 32 and cfg["steps"] == 30
+    assert cfg["flow_kwargs"]["num_layers"] == 2 and cfg["flow_kwargs"]["hidden"] == [8]
+    # --no-early-stopping: every point trains, no validation split, no patience
+    assert cfg["early_stopping"] is False and cfg["val_fraction"] == 0 and cfg["patience"] is None
+    with open(run / "history.csv") as f:
+        assert {r["val_loss"] for r in csv.DictReader(f)} == {""}
+    assert not list(run.glob("*.png"))  # --no-plots
     assert cfg["flow_kwargs"]["leaky_relu"] is True and cfg["flow_kwargs"]["actnorm"] is False
     assert "true_nll" not in _metrics(run)  # moons has no exact density; the banana has
     assert "true_nll" in _metrics(a)
@@ -125,15 +131,19 @@ def test_dataset_leaky_relu_no_actnorm_batch_size(runs):
     assert record["fingerprint"]["batch_size"] == 32 and len(record["loss"]) == 30
 
 
-def test_patience_and_val_fraction(tmp_path):
+def test_patience_and_val_fraction(tmp_path, capsys):
     """A learning rate of 1e-30 changes no float32 loss: a plateau. Patience 7 stops at step 7
     exactly; the 25 % validation split is 32 of the 128 points, so step 0's training loss (96
     points) and validation loss (32 points), weighted, give the NLL of all 128 points."""
     out = tmp_path / "plateau"
     args = ["train", "--num-points", "128", "--layers", "2", "--hidden", "8", "--steps", "400"]
     args += ["--patience", "7", "--val-fraction", "0.25", "--lr", "1e-30", "--schedule"]
-    args += ["constant", "--weight-decay", "0", "--no-plots", "--quiet", "--out", str(out)]
+    args += ["constant", "--weight-decay", "0", "--no-plots", "--out", str(out)]
     assert main(args) == 0
+    # without --quiet: one summary line
+    summary = capsys.readouterr().out.strip().splitlines()
+    assert len(summary) == 1 and summary[0].startswith("banana: test NLL "), summary
+    assert "8 steps (patience)" in summary[0] and summary[0].endswith(str(out))
     cfg, m = _config(out), _metrics(out)
     assert cfg["patience"] == 7 and cfg["val_fraction"] == 0.25
     assert m["stop_reason"] == "patience" and m["steps_run"] == 8 and m["best_step"] == 0
@@ -179,6 +189,9 @@ def test_vi_flow_lr_seed_no_plots(vi_runs):
     base = vi_runs["lr01_seed1"]
     cfg = _config(base)
     assert cfg["flow"] == "maf" and cfg["lr"] == 0.01 and cfg["seed"] == 1
+    fk = cfg["flow_kwargs"]
+    assert (fk["dim"], fk["num_layers"], fk["hidden"]) == (2, 2, [8])
+    assert cfg["steps"] == 20 and cfg["num_samples"] == 64 and len(_column(base, "elbo")) == 20
     assert json.loads((base / "flow" / "nflax.json").read_text())["spec"]["constructor"] == "maf"
     assert nflax.load(base / "flow").layer_names() == ["MaskedAutoregressive"] * 2
     assert not list(base.glob("*.png"))  # --no-plots
@@ -192,11 +205,13 @@ def test_vi_flow_lr_seed_no_plots(vi_runs):
     assert faster[0] == elbo[0] and np.all(faster[1:] != elbo[1:])
 
 
-def test_vi_dim(tmp_path):
+def test_vi_dim(tmp_path, capsys):
     out = tmp_path / "cg3"
     args = ["vi", "--target", "correlated_gaussian", "--dim", "3", "--layers", "2"]
     args += ["--hidden", "8", "--steps", "20", "--num-samples", "64", "--no-plots", "--quiet"]
+    capsys.readouterr()
     assert main([*args, "--out", str(out)]) == 0
+    assert capsys.readouterr() == ("", "")  # --quiet: nothing on stdout or stderr
     assert _config(out)["dim"] == 3 and _config(out)["flow_kwargs"]["dim"] == 3
     assert nflax.load(out / "flow").sample(jax.random.key(0), 4).shape == (4, 3)
     assert np.isfinite(_metrics(out)["covariance_rel_error"])  # a Gaussian target: moments

@@ -251,3 +251,41 @@ def test_conditional_banana_sampler_matches_its_density():
     xg = np.asarray(ds.sample_given(jax.random.key(7), np.array([k]), N))
     xg_alt = xg + np.stack([(CURVATURE - 1) * k * xg[:, 1] ** 2 / 4, np.zeros(N)], axis=1)
     _check(xg, p, q, xg_alt, lambda s: _cell_index(_to_u(s, k), **COND_CELLS))
+
+
+def test_dataset_classes_wrap_a_sampler_and_a_density():
+    def sampler(key, n):
+        return 2.0 + jax.random.normal(key, (n, 1))
+
+    ds = nflax.datasets.Dataset("shifted", 1, sampler, lambda x: stats_logpdf(x))
+    assert ds.has_density and ds.sample(jax.random.key(0), 5).shape == (5, 1)
+    x = jnp.array([[2.0], [0.0]])
+    np.testing.assert_allclose(ds.log_prob(x), stats.norm.logpdf([2.0, 0.0], 2.0), rtol=1e-6)
+    with pytest.raises(ValueError, match="'shifted': number of points must be ≥ 1, received 0"):
+        ds.sample(jax.random.key(0), 0)
+    blind = nflax.datasets.Dataset("blind", 1, sampler)
+    assert not blind.has_density
+    with pytest.raises(ValueError, match="'blind' has no exact density"):
+        blind.log_prob(x)
+    # a conditional set: pairs, and draws for one fixed context
+    cds = nflax.datasets.get_conditional("conditional_banana")
+    assert isinstance(cds, nflax.datasets.ConditionalDataset)
+    assert (cds.dim, cds.context_dim, cds.has_density) == (2, 1, True)
+    xs, cs = cds.sample(jax.random.key(1), 7)
+    assert xs.shape == (7, 2) and cs.shape == (7, 1)
+    fixed = cds.sample_given(jax.random.key(2), np.array([1.2]), 7)
+    assert fixed.shape == (7, 2)
+    with pytest.raises(ValueError, match="unknown conditional dataset 'nope'; known: conditional"):
+        nflax.datasets.get_conditional("nope")
+    # a VI target: log_prob = log_density − log Z, and only where log Z is known
+    t = nflax.datasets.Target(
+        "half", 1, lambda x: -0.5 * x[..., 0] ** 2, 0.5 * math.log(2 * math.pi)
+    )
+    np.testing.assert_allclose(t.log_prob(x), stats.norm.logpdf([2.0, 0.0]), rtol=1e-6)
+    unknown = nflax.datasets.Target("unknown", 1, lambda x: -(x[..., 0] ** 2))
+    with pytest.raises(ValueError, match="target 'unknown' has no known log-normaliser"):
+        unknown.log_prob(x)
+
+
+def stats_logpdf(x):
+    return jax.scipy.stats.norm.logpdf(x[..., 0], 2.0)

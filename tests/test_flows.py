@@ -1,6 +1,7 @@
 """Every constructor: trained briefly, its density integrates to one; the CLI accepts it."""
 
 import inspect
+import json
 
 import jax
 import numpy as np
@@ -62,3 +63,7 @@ def test_cli_trains_every_flow(name, tmp_path, capsys):
     ]
     assert main(args) == 0, capsys.readouterr().err
     assert (out / "metrics.json").is_file() and (out / "flow" / "nflax.json").is_file()
+    assert json.loads((out / "config.json").read_text())["flow"] == name
+    loaded = nflax.load(out / "flow")
+    assert json.loads(loaded.spec)["constructor"] == name
+    assert json.loads(loaded.spec)["kwargs"]["num_layers"] == 2

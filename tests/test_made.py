@@ -11,7 +11,7 @@ from helpers import perturb
 
 import nflax
 from nflax.bijections import Invert, MaskedAutoregressive
-from nflax.nets import MADE, made_degrees
+from nflax.nets import MADE, MaskedLinear, made_degrees
 
 
 def _jacobian(net, x, context=None):
@@ -140,3 +140,20 @@ def test_constructor_errors():
         nflax.flows.maf(0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="iaf: context_dim must be ≥ 1 or None, received 0"):
         nflax.flows.iaf(2, context_dim=0, rngs=nnx.Rngs(0))
+
+
+def test_masked_linear_multiplies_the_kernel_by_its_mask():
+    mask = np.array([[1, 0, 1], [1, 1, 0]], np.float32)  # (in, out)
+    layer = MaskedLinear(mask, rngs=nnx.Rngs(0))
+    perturb(layer, jax.random.key(2), scale=0.5)
+    x = jnp.array([[1.0, 2.0], [-0.5, 3.0]])
+    want = x @ (layer.kernel[...] * mask) + layer.bias[...]
+    np.testing.assert_allclose(layer(x), want, rtol=1e-6)
+    # output 1 never sees input 0, output 2 never sees input 1
+    jac = np.asarray(jax.jacobian(lambda v: layer(v))(x[0]))  # (out, in)
+    np.testing.assert_array_equal(jac != 0, mask.T.astype(bool))
+    assert "mask" not in nnx.state(layer, nnx.Param)  # a Buffer: never trained
+    zero = MaskedLinear(mask, zero_init=True, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(zero(x), 0.0)
+    with pytest.raises(ValueError, match=r"MaskedLinear: mask must be 2D \(in, out\)"):
+        MaskedLinear(np.ones(3), rngs=nnx.Rngs(0))

@@ -14,10 +14,21 @@ from flax import nnx
 import nflax
 from nflax.bijections import ActNorm, Chain
 from nflax.cli import main
-from nflax.datasets import get_target, grid_log_normalizer, target_names
+from nflax.datasets import (
+    correlated_gaussian_moments,
+    get_target,
+    grid_log_normalizer,
+    target_names,
+)
 from nflax.distributions import StandardNormal
 from nflax.training import _FROZEN
-from nflax.vi import _log_weights, fit_vi, importance_diagnostics, vi_diagnostics
+from nflax.vi import (
+    _log_weights,
+    check_log_density,
+    fit_vi,
+    importance_diagnostics,
+    vi_diagnostics,
+)
 
 
 def _flow(seed=0, layers=4, hidden=(16,)):
@@ -161,6 +172,14 @@ def test_nan_guard_stops_and_keeps_finite_parameters():
 def test_bad_log_density_is_rejected_before_compiling(log_density, match):
     with pytest.raises(ValueError, match=match):
         fit_vi(_flow(layers=1), log_density, key=jax.random.key(0), steps=5)
+    # the same check, on its own, names its caller
+    with pytest.raises(ValueError, match=match) as e:
+        check_log_density(log_density, 2, 256, "vi_diagnostics")
+    assert str(e.value).startswith("vi_diagnostics: ")
+
+
+def test_check_log_density_accepts_a_good_one():
+    assert check_log_density(get_target("ring").log_density, 2, 16) is None
 
 
 @pytest.mark.parametrize(
@@ -198,6 +217,13 @@ def test_targets_have_the_right_shapes_and_normalisers():
 
 
 def test_correlated_gaussian_in_three_dimensions_is_exact():
+    mean, cov = correlated_gaussian_moments(3)
+    np.testing.assert_allclose(mean, [1.5, 0.5, -0.5])  # linspace(1, −1, 3) + ½
+    std = np.array([1.5, 1.0, 0.5])  # linspace(1.5, 0.5, 3)
+    corr = np.array([[1, 0.8, 0.64], [0.8, 1, 0.8], [0.64, 0.8, 1]])  # 0.8^|i−j|
+    np.testing.assert_allclose(cov, std[:, None] * corr * std[None, :])
+    np.testing.assert_allclose(correlated_gaussian_moments(1)[0], [1.5])
+    np.testing.assert_allclose(correlated_gaussian_moments(1)[1], [[2.25]])
     t = get_target("correlated_gaussian", dim=3)
     x = jax.random.normal(jax.random.key(1), (5, 3))
     ref = jax.scipy.stats.multivariate_normal.logpdf(x, t.mean, t.covariance)
@@ -235,8 +261,11 @@ def test_cli_vi_writes_its_files(tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     m = json.loads((out / "metrics.json").read_text())
     assert cfg["target"] == "ring" and cfg["stick_the_landing"] and cfg["steps"] == 30
+    assert cfg["num_samples"] == 64 and cfg["flow_kwargs"]["num_layers"] == 2
     assert m["log_z"] == pytest.approx(get_target("ring").log_normalizer)
     assert np.isfinite(m["elbo"]) and 0 < m["ess_fraction"] <= 1 and np.isfinite(m["kl_q_p"])
+    assert m["kl_q_p"] == pytest.approx(m["log_z"] - m["elbo"])  # KL(q ‖ p) = log Z − ELBO
+    assert m["elbo"] < m["log_z"] + 3 * m["elbo_std_error"]  # a lower bound
     rows = (out / "history.csv").read_text().strip().splitlines()
     assert rows[0] == "step,elbo,ess_fraction,log_z" and len(rows) == 31
     flow = nflax.load(out / "flow")
