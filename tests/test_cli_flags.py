@@ -11,7 +11,7 @@ from flax import nnx
 
 import nflax
 from nflax.checkpoint import TrainingCheckpoints
-from nflax.cli import main
+from nflax.cli import TRAIN_ACTIVATION, main
 
 TRAIN = [
     "train", "--num-points", "128", "--layers", "2", "--hidden", "8", "--steps", "30",
@@ -26,16 +26,8 @@ TRAIN_RUNS = {
     "weight_decay": ["--seed", "3", "--weight-decay", "0.5"],
     "warmup": ["--seed", "3", "--schedule", "warmup-cosine"],
     "devices": ["--seed", "3", "--devices", "all"],
-    "moons_leaky": [
-        "--seed",
-        "3",
-        "--dataset",
-        "moons",
-        "--leaky-relu",
-        "--no-actnorm",
-        "--batch-size",
-        "32",
-    ],  # fmt: skip
+    "moons_leaky": ["--seed", "3", "--dataset", "moons", "--leaky-relu", "--no-actnorm"]
+    + ["--batch-size", "32", "--activation", "gelu"],
 }
 
 
@@ -121,6 +113,9 @@ def test_dataset_leaky_relu_no_actnorm_batch_size(runs):
     assert "true_nll" in _metrics(a)
     assert nflax.load(run / "flow").layer_names() == ["AffineCoupling", "LeakyReLU"] * 2
     assert nflax.load(a / "flow").layer_names() == ["ActNorm"] + ["AffineCoupling"] * 2
+    # --activation, and nflax train's own default when it is not given
+    assert json.loads(nflax.load(run / "flow").spec)["kwargs"]["activation"] == "gelu"
+    assert json.loads(nflax.load(a / "flow").spec)["kwargs"]["activation"] == TRAIN_ACTIVATION
     # the training state records the batch size the run drew its minibatches with
     ck = TrainingCheckpoints(run / "checkpoints")
     try:
@@ -194,6 +189,7 @@ def test_vi_flow_lr_seed_no_plots(vi_runs):
     assert cfg["steps"] == 20 and cfg["num_samples"] == 64 and len(_column(base, "elbo")) == 20
     assert json.loads((base / "flow" / "nflax.json").read_text())["spec"]["constructor"] == "maf"
     assert nflax.load(base / "flow").layer_names() == ["MaskedAutoregressive"] * 2
+    assert json.loads(nflax.load(base / "flow").spec)["kwargs"]["activation"] == "tanh"  # vi's
     assert not list(base.glob("*.png"))  # --no-plots
     elbo = _column(base, "elbo")
     # --seed: the same seed gives the same run, another seed another one
@@ -209,10 +205,12 @@ def test_vi_dim(tmp_path, capsys):
     out = tmp_path / "cg3"
     args = ["vi", "--target", "correlated_gaussian", "--dim", "3", "--layers", "2"]
     args += ["--hidden", "8", "--steps", "20", "--num-samples", "64", "--no-plots", "--quiet"]
+    args += ["--activation", "elu"]
     capsys.readouterr()
     assert main([*args, "--out", str(out)]) == 0
     assert capsys.readouterr() == ("", "")  # --quiet: nothing on stdout or stderr
     assert _config(out)["dim"] == 3 and _config(out)["flow_kwargs"]["dim"] == 3
+    assert json.loads(nflax.load(out / "flow").spec)["kwargs"]["activation"] == "elu"
     assert nflax.load(out / "flow").sample(jax.random.key(0), 4).shape == (4, 3)
     assert np.isfinite(_metrics(out)["covariance_rel_error"])  # a Gaussian target: moments
 

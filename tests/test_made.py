@@ -157,3 +157,24 @@ def test_masked_linear_multiplies_the_kernel_by_its_mask():
     np.testing.assert_array_equal(zero(x), 0.0)
     with pytest.raises(ValueError, match=r"MaskedLinear: mask must be 2D \(in, out\)"):
         MaskedLinear(np.ones(3), rngs=nnx.Rngs(0))
+
+
+def test_get_activation_by_name_and_the_cli_agrees():
+    from nflax import cli
+    from nflax.nets import ACTIVATIONS, get_activation
+
+    x = jnp.array([-2.0, 0.5, 3.0])
+    want = {
+        "tanh": np.tanh(x),
+        "silu": x / (1 + np.exp(-x)),
+        "gelu": jax.nn.gelu(x),
+        "elu": np.where(x > 0, x, np.expm1(x)),
+        "relu": np.maximum(x, 0),
+        "softplus": np.log1p(np.exp(x)),
+    }
+    assert list(ACTIVATIONS) == list(want) == list(cli.ACTIVATIONS)  # the flag's choices too
+    for name, values in want.items():
+        np.testing.assert_allclose(get_activation(name)(x), values, rtol=1e-6)
+    assert get_activation(jnp.sin) is jnp.sin  # a function is taken as it is
+    with pytest.raises(ValueError, match="realnvp: unknown activation 'swish'; known: tanh, silu"):
+        get_activation("swish", "realnvp")
