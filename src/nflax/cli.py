@@ -214,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument(
         "--stick-the-landing",
-        action="store_true",
-        help="path-derivative gradient (Roeder et al. 2017): drop the score term",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="path-derivative gradient (Roeder et al. 2017): drop the score term (default: on; "
+        "--no-stick-the-landing differentiates log q through the sample too)",
     )
     v.add_argument("--seed", type=int, default=0, help="random seed")
     v.add_argument("--out", default=None, help="run folder (default runs/vi-<target>-<time>/)")
