@@ -72,6 +72,9 @@ def _train(*args: str) -> int:
     return main(["train", "--steps", "60", "--layers", "2", "--hidden", "8", "--quiet", *args])
 
 
+_NSF_DEFAULTS = {"variant": "coupling", "bins": 8, "bound": 3.0, "context_dim": None}
+
+
 def test_one_column_data_through_the_cli(tmp_path):
     data = tmp_path / "points.npy"
     np.save(data, _split_normal(0, 300)[:, 0])  # a 1D array: 300 points of dimension 1
@@ -79,6 +82,11 @@ def test_one_column_data_through_the_cli(tmp_path):
     assert _train("--data", str(data), "--out", str(run)) == 0
     for name in ("trajectory.png", "samples.png", "density.png", "loss.png", "metrics.json"):
         assert (run / name).is_file(), name
+    # one coordinate: a coupling could only be affine, so the default flow is a spline flow
+    config = json.loads((run / "config.json").read_text())
+    assert config["flow"] == "nsf" and json.loads((run / "flow/nflax.json").read_text())[
+        "spec"
+    ] == {"constructor": "nsf", "kwargs": {**config["flow_kwargs"], **_NSF_DEFAULTS}}
     out = tmp_path / "s.csv"
     assert main(["sample", str(run), "-n", "50", "-o", str(out)]) == 0
     s = np.loadtxt(out, delimiter=",")  # no header: the .npy file named no columns
@@ -217,3 +225,13 @@ def test_refused_claims_leave_the_folder_as_it_was(tmp_path):
     (other / "notes.txt").write_text("mine")
     _claim_refused(other, True, "not empty")
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]  # no lock file left there
+
+
+def test_vi_refuses_a_folder_in_use(tmp_path, capsys):
+    run = tmp_path / "run"
+    with claim_run_folder(run, fresh=True):
+        assert main(["vi", "--target", "ring", "--steps", "5", "--out", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"nflax: error: run folder {run} is in use by another nflax process\n"
+    )
+    assert sorted(p.name for p in run.iterdir()) == [".nflax.lock"]

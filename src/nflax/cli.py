@@ -104,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between training checkpoints (a killed run loses at most this many)",
     )
     t.add_argument("--num-points", type=_positive_int, default=1024, help="training points")
-    t.add_argument("--flow", default="realnvp", help="flow constructor (default: realnvp)")
+    t.add_argument(
+        "--flow",
+        default=None,
+        help="flow constructor (default: realnvp; nsf for 1-D data, where a coupling can only "
+        "be affine)",
+    )
     t.add_argument("--layers", type=_positive_int, default=8, help="number of layers")
     t.add_argument(
         "--hidden",
@@ -184,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--dim", type=_positive_int, default=None, help="dimension (correlated_gaussian)"
     )
-    v.add_argument("--flow", default="realnvp", help="flow constructor (default: realnvp)")
+    v.add_argument(
+        "--flow", default=None, help="flow constructor (default: realnvp; nsf for 1-D targets)"
+    )
     v.add_argument("--layers", type=_positive_int, default=6, help="number of layers (default: 6)")
     v.add_argument(
         "--hidden",
@@ -240,9 +247,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+def _default_flow(dim: int) -> str:
+    """The constructor used when ``--flow`` is not given: realnvp, but nsf in one dimension
+    (a coupling layer of one coordinate sees no other coordinate, so it can only be affine,
+    and a realnvp there is a Gaussian; nsf's splines are not)."""
+    return "nsf" if dim == 1 else "realnvp"
+
+
 def _flow_kwargs(args, dim: int, activation: str = "tanh") -> dict:
-    """The constructor's keyword arguments from the flags; ``activation`` is the command's
-    default for ``--activation``."""
+    """The constructor's keyword arguments from the flags (``args.flow`` is set to the default
+    flow for ``dim`` when it was not given); ``activation`` is the command's default for
+    ``--activation``."""
+    if args.flow is None:
+        args.flow = _default_flow(dim)
     from nflax import flows
 
     if args.flow not in flows.CONSTRUCTORS:
@@ -352,6 +369,7 @@ def _train(args) -> int:
         config.update(dataset=ds.name, dim=ds.dim)
         name = ds.name
     config["flow_kwargs"] = _flow_kwargs(args, config["dim"], TRAIN_ACTIVATION)
+    config["flow"] = args.flow
     if args.conditional:
         from nflax import flows
 
@@ -592,13 +610,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _vi(args) -> int:
-    import jax
-    import numpy as np
-    import optax
-    from flax import nnx
-
-    from nflax import checkpoint, datasets, flows
-    from nflax.vi import fit_vi, vi_diagnostics
+    from nflax import datasets
 
     try:
         target = datasets.get_target(
@@ -609,8 +621,19 @@ def _vi(args) -> int:
     kwargs = _flow_kwargs(args, target.dim)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"vi-{target.name}-{stamp}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"run folder {out} already exists and is not empty")
+    with _claim(out, fresh=True):
+        return _run_vi(args, target, kwargs, out)
+
+
+def _run_vi(args, target, kwargs: dict, out: Path) -> int:
+    """Fit, evaluate, save and plot a `nflax vi` run into the claimed folder ``out``."""
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from nflax import checkpoint, flows
+    from nflax.vi import fit_vi, vi_diagnostics
 
     key_fit, key_eval, key_plot = jax.random.split(jax.random.key(args.seed), 3)
     flow = flows.build(args.flow, **kwargs, rngs=nnx.Rngs(args.seed))
