@@ -134,6 +134,8 @@ PUBLIC = {
     "nflax.plotting.plot_trajectory": ["test_plotting.py::test_plot_trajectory_panels_are_the_layers"],
     # nflax.vi
     "nflax.vi.VIHistory": ["test_plotting.py::test_plot_elbo_lines"],
+    "nflax.vi.default_vi_optimizer": ["test_vi.py::test_default_vi_optimizer_is_adam_on_the_default_schedule"],
+    "nflax.vi.default_vi_schedule": ["test_vi_defaults.py::test_default_schedule_warms_up_then_decays_to_zero"],
     "nflax.vi.check_log_density": ["test_vi.py::test_bad_log_density_is_rejected_before_compiling"],
     "nflax.vi.fit_vi": ["test_vi.py::test_correlated_gaussian_mean_and_covariance_are_recovered"],
     "nflax.vi.importance_diagnostics": ["test_vi.py::test_importance_diagnostics"],

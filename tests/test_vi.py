@@ -25,6 +25,8 @@ from nflax.training import _FROZEN
 from nflax.vi import (
     _log_weights,
     check_log_density,
+    default_vi_optimizer,
+    default_vi_schedule,
     fit_vi,
     importance_diagnostics,
     vi_diagnostics,
@@ -289,3 +291,21 @@ def test_example_runs_small(tmp_path):
     diag = mod.main(steps=100, out=str(tmp_path / "vi.png"))
     assert (tmp_path / "vi.png").stat().st_size > 1000
     assert np.isfinite(diag["elbo"]) and diag["kl_q_p"] > -0.01
+
+
+def test_default_vi_optimizer_is_adam_on_the_default_schedule():
+    """With a constant gradient Adam's step is the learning rate itself (m̂/√v̂ = 1), so the
+    updates trace the schedule: 0 at step 0, the peak after the warm-up, half of it mid-decay."""
+    for peak in (3e-3, 1e-2):
+        tx = default_vi_optimizer(1000, learning_rate=peak)
+        lr = default_vi_schedule(1000, peak)
+        params = {"w": jnp.zeros(3)}
+        state = tx.init(params)
+        grads = {"w": jnp.ones(3)}
+        steps = []
+        for _ in range(551):
+            updates, state = tx.update(grads, state, params)
+            steps.append(float(updates["w"][0]))
+        for t in (0, 100, 550):
+            assert -steps[t] == pytest.approx(float(lr(t)), rel=1e-4, abs=1e-9)
+        assert -steps[100] == pytest.approx(peak, rel=1e-4) and steps[0] == 0.0
