@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=_positive_float,
         default=1e-2,
-        help="adam learning rate, cosine-decayed to 0 (default: 0.01)",
+        help="peak adam learning rate: a short linear warm-up, then a cosine decay to 0 "
+        "(default: 0.01)",
     )
     v.add_argument(
         "--stick-the-landing",
@@ -629,11 +630,10 @@ def _run_vi(args, target, kwargs: dict, out: Path) -> int:
     """Fit, evaluate, save and plot a `nflax vi` run into the claimed folder ``out``."""
     import jax
     import numpy as np
-    import optax
     from flax import nnx
 
     from nflax import checkpoint, flows
-    from nflax.vi import fit_vi, vi_diagnostics
+    from nflax.vi import default_vi_optimizer, fit_vi, vi_diagnostics
 
     key_fit, key_eval, key_plot = jax.random.split(jax.random.key(args.seed), 3)
     flow = flows.build(args.flow, **kwargs, rngs=nnx.Rngs(args.seed))
@@ -646,7 +646,7 @@ def _run_vi(args, target, kwargs: dict, out: Path) -> int:
         "steps": args.steps,
         "num_samples": args.num_samples,
         "lr": args.lr,
-        "schedule": "cosine decay to 0",
+        "schedule": "linear warm-up over min(100, steps // 10) steps, cosine decay to 0",
         "stick_the_landing": args.stick_the_landing,
         "seed": args.seed,
     }
@@ -656,7 +656,7 @@ def _run_vi(args, target, kwargs: dict, out: Path) -> int:
         key=key_fit,
         steps=args.steps,
         num_samples=args.num_samples,
-        optimizer=optax.adam(optax.cosine_decay_schedule(args.lr, args.steps)),
+        optimizer=default_vi_optimizer(args.steps, args.lr),
         stick_the_landing=args.stick_the_landing,
         progress=None if not args.quiet else False,
     )

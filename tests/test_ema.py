@@ -1,0 +1,74 @@
+"""fit(ema=): the parameters' exponential moving average, checked against a hand computation."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import nflax
+
+
+def _flow():
+    return nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return np.asarray(nflax.datasets.get("banana").sample(jax.random.key(0), 128))
+
+
+def _params(flow) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree.leaves(nnx.state(flow, nnx.Param))]
+
+
+def _fit(flow, x, steps, **kw):
+    kw.setdefault("optimizer", optax.adam(1e-2))
+    return nflax.fit(flow, x, key=jax.random.key(1), steps=steps, progress=False, **kw)
+
+
+def test_the_flow_ends_with_the_bias_corrected_average_of_the_iterates(data):
+    decay, steps = 0.5, 5
+    # p_t: the parameters before step t's update (what step t averages in), t = 0 … steps − 1
+    iterates = [_params(_flow())]
+    for t in range(1, steps):
+        flow = _flow()
+        _fit(flow, data, t, restore_best=False)
+        iterates.append(_params(flow))
+    weights = np.array([(1 - decay) * decay ** (steps - 1 - t) for t in range(steps)])
+    weights /= 1 - decay**steps
+    expected = [
+        sum(w * p[i] for w, p in zip(weights, iterates, strict=True))
+        for i in range(len(iterates[0]))
+    ]
+    flow = _flow()
+    hist = _fit(flow, data, steps, ema=decay, restore_best=False)
+    assert hist.steps_run == steps and not hist.restored_best
+    for got, want in zip(_params(flow), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_ema_zero_is_the_plain_iterate_bit_for_bit(data):
+    a, b = _flow(), _flow()
+    ha = _fit(a, data, 30, patience=10)
+    hb = _fit(b, data, 30, patience=10, ema=0.0)
+    np.testing.assert_array_equal(ha.loss, hb.loss)
+    np.testing.assert_array_equal(ha.val_loss, hb.val_loss)
+    for x, y in zip(_params(a), _params(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_validation_and_best_parameters_are_the_average(data):
+    flow = _flow()
+    hist = _fit(flow, data, 60, patience=1000, ema=0.9, eval_every=5)
+    assert hist.restored_best and hist.best_step in hist.val_steps.tolist()
+    # the restored (averaged) parameters score the best validation NLL that was recorded
+    val = nflax.nll(flow, data[hist.val_index]).mean()
+    np.testing.assert_allclose(val, hist.best_loss, rtol=1e-5)
+    assert hist.best_loss == pytest.approx(float(np.min(hist.val_loss)))
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, True, 2])
+def test_ema_must_be_a_decay_in_0_1(data, bad):
+    with pytest.raises(ValueError, match=r"fit: ema must be a decay in \[0, 1\)"):
+        _fit(_flow(), data, 1, ema=bad)
