@@ -12,6 +12,7 @@ from flax import nnx
 import nflax
 from nflax.checkpoint import TrainingCheckpoints
 from nflax.cli import TRAIN_ACTIVATION, main
+from nflax.vi import default_vi_schedule
 
 TRAIN = [
     "train", "--num-points", "128", "--layers", "2", "--hidden", "8", "--steps", "30",
@@ -195,10 +196,14 @@ def test_vi_flow_lr_seed_no_plots(vi_runs):
     # --seed: the same seed gives the same run, another seed another one
     np.testing.assert_array_equal(_column(vi_runs["lr01_seed1_again"], "elbo"), elbo)
     assert _column(vi_runs["lr01_seed2"], "elbo")[0] != elbo[0]
-    # --lr: the same samples at step 0, other updates after it
+    # --lr (the peak of fit_vi's default schedule): the same samples at step 0 and the same
+    # parameters while the warm-up's rate is 0, other updates from its first nonzero step on
     faster = _column(vi_runs["lr03_seed1"], "elbo")
     assert _config(vi_runs["lr03_seed1"])["lr"] == 0.03
-    assert faster[0] == elbo[0] and np.all(faster[1:] != elbo[1:])
+    schedule = default_vi_schedule(20, 0.01)
+    first = next(t for t in range(20) if float(schedule(t)) > 0)  # its update shows at first + 1
+    np.testing.assert_array_equal(faster[: first + 1], elbo[: first + 1])
+    assert np.all(faster[first + 1 :] != elbo[first + 1 :])
 
 
 def test_vi_dim(tmp_path, capsys):
@@ -246,7 +251,8 @@ def test_vi_dim(tmp_path, capsys):
         (["train", "--patience", "0"], "expected a positive integer, got '0'"),
         (["train", "--schedule", "linear"], "invalid choice: 'linear'"),
         (["train", "--devices", "some"], "invalid choice: 'some'"),
-        (["train", "--weight-decay", "x"], "invalid float value: 'x'"),
+        (["train", "--weight-decay", "x"], "expected a number ≥ 0, got 'x'"),
+        (["train", "--weight-decay", "-1"], "expected a number ≥ 0, got '-1'"),
     ],
 )
 def test_flags_that_do_not_go_together_exit_2(argv, message, capsys, tmp_path, monkeypatch):

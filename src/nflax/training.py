@@ -84,6 +84,66 @@ class History:
         return text
 
 
+def kernel_mask(params):
+    """``True`` for every weight matrix (a ``kernel``) of the conditioner networks, ``False``
+    for every other parameter: biases, ActNorm's shift and scale, the coupling scale bound
+    ``c``, a base distribution's parameters. Weight decay given this mask
+    (``optax.adamw(..., mask=kernel_mask)``) shrinks the networks toward smooth functions
+    without pulling the data-dependent layers toward the identity.
+
+    >>> import nflax
+    >>> flow = nflax.flows.realnvp(2, num_layers=2, actnorm=True, rngs=nnx.Rngs(0))
+    >>> mask = kernel_mask(nnx.state(flow, nnx.Param))
+    >>> sum(jax.tree.leaves(mask)), len(jax.tree.leaves(mask))
+    (3, 9)
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "kernel" in jax.tree_util.keystr(path), params
+    )
+
+
+def warmup_cosine(learning_rate: float, steps: int, warmup: int = 200) -> optax.Schedule:
+    """A linear warm-up from 0 over ``min(warmup, steps // 10)`` steps (at least 1), then a
+    cosine decay to 0 at ``steps``: ``nflax train``'s learning rate.
+
+    >>> lr = warmup_cosine(2e-3, 4000)
+    >>> [round(float(lr(t)), 6) for t in (0, 100, 200, 2100, 4000)]
+    [0.0, 0.001, 0.002, 0.001, 0.0]
+    """
+    steps = _positive_int("steps", steps, "warmup_cosine")
+    warmup = min(int(warmup), max(steps // 10, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
+
+
+def default_optimizer(
+    steps: int,
+    learning_rate: float = 2e-3,
+    weight_decay: float = 3.0,
+    schedule: str = "warmup-cosine",
+) -> optax.GradientTransformation:
+    """``nflax train``'s optimizer: adamw on :func:`warmup_cosine` (or a constant rate), its
+    weight decay on the conditioners' kernels only (:func:`kernel_mask`).
+
+    The weight decay is strong on purpose. adamw shrinks each kernel by ``lr·weight_decay``
+    per step, which keeps the conditioners smooth where there are no data, so the tails of
+    the density stop degrading as training goes on. With silu conditioners on the banana set
+    (1024 points, seeds 0-19) it took the median test-NLL gap from 0.04 to 0.025 nats and the
+    worst from 0.07 to 0.06; decaying every parameter instead made the result depend on the
+    learning rate (a 0.7-nat gap at half the rate). ``benchmarks/README.md``, "Robust
+    defaults", has the table.
+
+    >>> tx = default_optimizer(4000)
+    >>> state = tx.init({"kernel": jnp.ones(2), "bias": jnp.ones(2)})
+    """
+    if schedule not in ("warmup-cosine", "constant"):
+        raise ValueError(
+            f"default_optimizer: schedule must be 'warmup-cosine' or 'constant', received "
+            f"{schedule!r}"
+        )
+    lr = warmup_cosine(learning_rate, steps) if schedule == "warmup-cosine" else learning_rate
+    return optax.adamw(lr, weight_decay=weight_decay, mask=kernel_mask)
+
+
 def check_data(x, event_shape: tuple[int, ...], name: str = "x") -> np.ndarray:
     """Validate a data array on the host: numeric, shape ``(n, *event_shape)``, all finite."""
     try:

@@ -1,4 +1,5 @@
-"""fit(ema=): the parameters' exponential moving average, checked against a hand computation."""
+"""nflax train's recipe as a library: default_optimizer (adamw, warm-up + cosine, weight decay on
+the kernels only) and fit(ema=), the parameters' moving average, against hand computations."""
 
 import jax
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from flax import nnx
 
 import nflax
+from nflax.training import default_optimizer, kernel_mask, warmup_cosine
 
 
 def _flow():
@@ -72,3 +74,30 @@ def test_validation_and_best_parameters_are_the_average(data):
 def test_ema_must_be_a_decay_in_0_1(data, bad):
     with pytest.raises(ValueError, match=r"fit: ema must be a decay in \[0, 1\)"):
         _fit(_flow(), data, 1, ema=bad)
+
+
+def test_weight_decay_shrinks_the_kernels_only():
+    flow = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), actnorm=True, rngs=nnx.Rngs(0))
+    params = nnx.state(flow, nnx.Param)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    mask = jax.tree.leaves(kernel_mask(params))
+    assert [p for p, m in zip(paths, mask, strict=True) if m] == [
+        p for p in paths if p.endswith("['kernel'].value")
+    ]
+    assert any("log_scale" in p for p in paths) and any("bias" in p for p in paths)
+    # constant rate 0.01, decay 3: zero gradients move each kernel by −0.01·3·θ, nothing else
+    tx = default_optimizer(100, learning_rate=0.01, weight_decay=3.0, schedule="constant")
+    zeros = jax.tree.map(np.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    for m, u, p in zip(mask, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(u, -0.03 * np.asarray(p) if m else 0.0, rtol=1e-6, atol=0)
+
+
+def test_warmup_cosine_is_nflax_trains_schedule():
+    lr = warmup_cosine(2e-3, 4000)
+    got = [float(lr(t)) for t in (0, 100, 200, 2100, 4000)]
+    np.testing.assert_allclose(got, [0.0, 1e-3, 2e-3, 1e-3, 0.0], atol=1e-10)
+    short = warmup_cosine(1.0, 20)  # the warm-up is at most a tenth of the steps
+    assert float(short(2)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="schedule must be 'warmup-cosine' or 'constant'"):
+        default_optimizer(10, schedule="linear")
