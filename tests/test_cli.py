@@ -38,10 +38,15 @@ def test_default_run_reaches_the_exact_nll(default_run):
     cfg = json.loads((default_run / "config.json").read_text())
     assert cfg["num_points"] == 1024 and cfg["dataset"] == "banana"
     assert m["num_test_points"] == 16384
-    # early stopping on a validation split keeps the 1024-point model from overfitting
+    # early stopping on a validation split keeps the 1024-point model from overfitting (20 of 20
+    # seeds stopped on patience; the latest best step was 2019 of 4000)
     assert m["stop_reason"] == "patience"
-    assert m["test_nll"] - m["true_nll"] <= 0.07, m
-    assert m["train_nll"] < m["test_nll"]  # the rest of the gap is overfitting
+    # Bounds set from benchmarks/robustness.py, not from this one run: over seeds 0-19 the gap
+    # was 0.009-0.057 (median 0.023, sd 0.013), and 0.006-0.061 over seeds 0-9 with XLA's SSE4.2
+    # kernels; the worst test point was 13-53 nats (its exact NLL 9-16). Training is chaotic and
+    # other CPUs round differently, so each bound sits several spreads beyond the worst seed.
+    assert m["test_nll"] - m["true_nll"] <= 0.10, m
+    assert m["test_nll_worst"] <= 150, m
     rows = (default_run / "history.csv").read_text().strip().splitlines()
     assert rows[0] == "step,loss,val_loss" and len(rows) == m["steps_run"] + 1
 
@@ -103,8 +108,8 @@ def test_console_script_entry_point():
 
 @pytest.mark.slow
 def test_more_points_close_the_gap(tmp_path):
-    # Minibatches of 1024 keep this at the default run's cost per step (gap 0.007-0.013 over
-    # seeds 0-2; full batch gives the same gap at 4x the time).
+    # Minibatches of 1024 keep this at the default run's cost per step. Gap 0.009-0.017 over
+    # seeds 0-2 with the default recipe (0.007-0.013 with the old tanh / weight decay 1e-4 one).
     out = tmp_path / "big"
     args = ["train", "--num-points", "8192", "--batch-size", "1024", "--quiet", "--no-plots"]
     assert main([*args, "--out", str(out)]) == 0
