@@ -92,9 +92,11 @@ def _check_contract(out, x):
 
 
 def _check_jit_equals_eager(b, out, x, context=None):
+    # a few float32 ulps: jit fuses differently (with SSE4.2 kernels maf_affine_layer-5 gave
+    # 9.3234243 against 9.3234215, 3 ulps)
     z_e, ld_e = b.forward(x, context)
-    np.testing.assert_allclose(out["z"], z_e, atol=1e-6)
-    np.testing.assert_allclose(out["ld"], ld_e, atol=1e-5)
+    np.testing.assert_allclose(out["z"], z_e, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(out["ld"], ld_e, rtol=2e-6, atol=1e-5)
 
 
 def _declared_dead(path, dim, conditional):

@@ -85,11 +85,15 @@ def test_load_errors(tmp_path):
             p.write_bytes(p.read_bytes()[:10])
     with pytest.raises(checkpoint.CheckpointError):
         nflax.load(tmp_path / "ck2")
-    (tmp_path / "ck3").mkdir()
-    (tmp_path / "ck3" / "state").mkdir()
-    (tmp_path / "ck3" / "nflax.json").write_text("{not json")
+    _fake_checkpoint(tmp_path / "ck3", "{not json")
     with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
         nflax.load(tmp_path / "ck3")
+
+
+def _fake_checkpoint(path, description: str) -> None:
+    """A checkpoint folder with an empty ``state/`` and ``description`` as its nflax.json."""
+    (path / "state").mkdir(parents=True)
+    (path / "nflax.json").write_text(description)
 
 
 def test_read_spec_returns_the_constructor_and_its_arguments(tmp_path):
@@ -102,9 +106,7 @@ def test_read_spec_returns_the_constructor_and_its_arguments(tmp_path):
     assert meta == {"format": "nflax-flow", "version": 1, "spec": spec}
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         checkpoint.read_spec(tmp_path / "missing")
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "state").mkdir()
-    (tmp_path / "other" / "nflax.json").write_text('{"format": "something-else", "spec": {}}')
+    _fake_checkpoint(tmp_path / "other", '{"format": "something-else", "spec": {}}')
     with pytest.raises(checkpoint.CheckpointError, match="is not an nflax checkpoint description"):
         checkpoint.read_spec(tmp_path / "other")
 

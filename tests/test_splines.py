@@ -65,7 +65,10 @@ def test_monotone_onto_and_continuous():
     # [-B, B] onto [-B, B]: the boundary knots are fixed points
     yb, ldb = rq_spline_forward(jnp.array([-B, B]), *params)
     np.testing.assert_allclose(yb, [-B, B], atol=1e-6)
-    np.testing.assert_allclose(ldb, 0.0, atol=1e-5)  # derivative 1 at the boundary
+    # derivative 1 at the boundary, up to float32: the last bin's size comes from the softmax
+    # (for narrow bins' relative precision), not from the pinned knots, so ξ(B) = 1 only to a
+    # few ulps (3.3e-5 in log dy/dx with XLA's SSE4.2 kernels, under 1e-5 natively)
+    np.testing.assert_allclose(ldb, 0.0, atol=1e-4)
     # continuous at every knot, in value and derivative: compare each knot with the float just
     # below it (which lies in the bin to the left)
     kx, ky = _edges(params)
