@@ -24,7 +24,7 @@ import nflax
 from nflax.cli import build_parser
 
 TESTS = Path(__file__).resolve().parent
-EXTRA_MODULES = ["parallel"]  # public, though not re-exported in nflax.__all__
+EXTRA_MODULES = ["parallel", "training"]  # public, though not re-exported in nflax.__all__
 
 PUBLIC = {
     # nflax
@@ -133,6 +133,17 @@ PUBLIC = {
     "nflax.plotting.plot_samples": ["test_plotting.py::test_plot_samples_draws_the_flows_samples"],
     "nflax.plotting.plot_trajectory": ["test_plotting.py::test_plot_trajectory_panels_are_the_layers"],
     # nflax.vi
+    # nflax.training
+    "nflax.training.History": ["test_plotting.py::test_plot_history_lines"],
+    "nflax.training.batch_indices": ["test_training.py::test_minibatch_epochs_visit_every_point_once"],
+    "nflax.training.check_data": ["test_training.py::test_check_data_returns_float32_rows_or_names_the_problem"],
+    "nflax.training.default_optimizer": ["test_training_recipe.py::test_weight_decay_shrinks_the_kernels_only"],
+    "nflax.training.epoch_permutation": ["test_training.py::test_minibatch_epochs_visit_every_point_once"],
+    "nflax.training.fit": ["test_training.py::test_fit_learns_and_reports", "test_training_recipe.py::test_the_flow_ends_with_the_bias_corrected_average_of_the_iterates"],
+    "nflax.training.kernel_mask": ["test_training_recipe.py::test_weight_decay_shrinks_the_kernels_only"],
+    "nflax.training.nll": ["test_training.py::test_nll_in_batches_smaller_than_the_data"],
+    "nflax.training.run_chunk": ["test_training.py::test_run_chunk_stops_at_the_total_or_when_the_status_changes"],
+    "nflax.training.warmup_cosine": ["test_training_recipe.py::test_warmup_cosine_is_nflax_trains_schedule"],
     "nflax.vi.VIHistory": ["test_plotting.py::test_plot_elbo_lines"],
     "nflax.vi.default_vi_optimizer": ["test_vi.py::test_default_vi_optimizer_is_adam_on_the_default_schedule"],
     "nflax.vi.default_vi_schedule": ["test_vi_defaults.py::test_default_schedule_warms_up_then_decays_to_zero"],

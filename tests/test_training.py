@@ -10,7 +10,7 @@ from helpers import perturb
 
 import nflax
 from nflax.bijections import Chain
-from nflax.training import batch_indices, epoch_permutation
+from nflax.training import batch_indices, check_data, epoch_permutation, run_chunk
 
 
 def _small_flow(seed=0, layers=4):
@@ -320,3 +320,33 @@ def test_trained_density_integrates_to_one():
     assert abs(total - 1.0) < 0.01, total
     # and it learned something: the model puts mass where the data is
     assert float(jnp.mean(flow.log_prob(x))) > -3.0
+
+
+def test_check_data_returns_float32_rows_or_names_the_problem():
+    x = check_data([[1, 2], [3, 4]], (2,))
+    assert x.dtype == np.float32 and x.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    with pytest.raises(ValueError, match=r"x: expected shape \(n, 2\) .* received \(2, 3\)"):
+        check_data(np.zeros((2, 3)), (2,))
+    with pytest.raises(ValueError, match=r"data: 1 row\(s\) contain NaN or inf \(first at row 1\)"):
+        check_data([[0.0, 0.0], [np.nan, 1.0]], (2,), name="data")
+    with pytest.raises(ValueError, match="no data points"):
+        check_data(np.zeros((0, 2)), (2,))
+
+
+def test_run_chunk_stops_at_the_total_or_when_the_status_changes():
+    def count(carry):  # one step: the step counter goes up; status 1 ("stop") at step 3 if asked
+        t = carry["step"]
+        stop = carry["stop_at"] == t + 1
+        new = dict(carry, step=t + 1, status=jnp.where(stop, 1, carry["status"]))
+        return new, (t.astype(jnp.float32) * 10,)
+
+    carry = {"step": jnp.int32(0), "status": jnp.int32(0), "stop_at": jnp.int32(-1)}
+    out, (buf,) = jax.jit(lambda c: run_chunk(count, c, 5, 8, 1))(carry)
+    assert int(out["step"]) == 5 and int(out["status"]) == 0
+    np.testing.assert_array_equal(buf[:5], [0, 10, 20, 30, 40])
+    assert np.all(np.isnan(buf[5:]))  # steps past the total are never run
+    carry["stop_at"] = jnp.int32(3)
+    out, (buf,) = jax.jit(lambda c: run_chunk(count, c, 5, 8, 1))(carry)
+    assert int(out["step"]) == 3 and int(out["status"]) == 1
+    np.testing.assert_array_equal(buf[:3], [0, 10, 20])
+    assert np.all(np.isnan(buf[3:]))
