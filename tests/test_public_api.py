@@ -142,7 +142,6 @@ PUBLIC = {
     "nflax.training.fit": ["test_training.py::test_fit_learns_and_reports", "test_training_recipe.py::test_the_flow_ends_with_the_bias_corrected_average_of_the_iterates"],
     "nflax.training.kernel_mask": ["test_training_recipe.py::test_weight_decay_shrinks_the_kernels_only"],
     "nflax.training.nll": ["test_training.py::test_nll_in_batches_smaller_than_the_data"],
-    "nflax.training.run_chunk": ["test_training.py::test_run_chunk_stops_at_the_total_or_when_the_status_changes"],
     "nflax.training.warmup_cosine": ["test_training_recipe.py::test_warmup_cosine_is_nflax_trains_schedule"],
     "nflax.vi.VIHistory": ["test_plotting.py::test_plot_elbo_lines"],
     "nflax.vi.default_vi_optimizer": ["test_vi.py::test_default_vi_optimizer_is_adam_on_the_default_schedule"],

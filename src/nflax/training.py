@@ -1,20 +1,16 @@
-"""Maximum-likelihood training: many optimizer steps per compiled call.
+"""Maximum-likelihood training (``fit``), ``nll``, and ``nflax train``'s optimizer recipe.
 
-The hot loop is one jitted ``jax.lax.while_loop`` over a chunk of steps. Minibatches are drawn on
-the device (a fresh permutation per epoch, without replacement), the validation NLL is
-evaluated inside the loop, and the best parameters, patience counter and a NaN guard are all
-part of the loop state. Python only wakes between chunks (progress, callback).
+``fit`` is one objective over :mod:`nflax.engine`: the mean NLL of a minibatch drawn on the
+device (a fresh permutation per epoch, without replacement; a smaller last batch is masked),
+validated on held-out rows. The engine runs the compiled chunks and keeps the best parameters,
+patience, the NaN guard, checkpoints and resume.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import math
 import os
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,15 +22,34 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nflax import parallel
-from nflax.bijections.base import Buffer
-from nflax.bijections.normalization import DataInit
 from nflax.datafiles import nonfinite_rows
 from nflax.distributions import Flow
+from nflax.engine import (
+    FROZEN,
+    Checkpointing,
+    Model,
+    Objective,
+    Report,
+    Run,
+    Settings,
+    data_fingerprint,
+    mutable_state,
+    split_model,
+    train,
+)
 
 Array = jax.Array
-
-_RUNNING, _PATIENCE, _NON_FINITE = 0, 1, 2
-_REASONS = {_PATIENCE: "patience", _NON_FINITE: "non_finite"}
+__all__ = [
+    "History",
+    "batch_indices",
+    "check_data",
+    "default_optimizer",
+    "epoch_permutation",
+    "fit",
+    "kernel_mask",
+    "nll",
+    "warmup_cosine",
+]
 
 
 @dataclass
@@ -164,16 +179,11 @@ def check_data(x, event_shape: tuple[int, ...], name: str = "x") -> np.ndarray:
     return arr
 
 
-# State that no training step changes: masks, permutations, data-dependent initialisation
-# (done once, before the first step). It enters the compiled loop as constants.
-_FROZEN = nnx.Any(Buffer, DataInit)
-
-
-def _nll(graphdef, params, rest, x, w=None, frozen=None, context=None):
+def _nll(model: Model, params, rest, x, w=None, context=None, *, train: bool = True):
     """Mean NLL of ``x`` (weights ``w``) and the model's mutable state after the call."""
-    model = nnx.merge(graphdef, params, frozen, rest, copy=True)  # fresh Variables per trace
-    lp = model.log_prob(x, context)
-    new_rest = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, _FROZEN)))
+    flow = model.merge(params, rest, train=train)
+    lp = flow.log_prob(x, context)
+    new_rest = mutable_state(flow)
     if w is None:
         return -jnp.mean(lp), new_rest
     return -jnp.sum(lp * w) / jnp.sum(w), new_rest
@@ -195,61 +205,87 @@ def batch_indices(perm: Array, b, n: int, batch_size: int) -> tuple[Array, Array
     return idx, w
 
 
-def run_chunk(step_fn, carry: dict, total, chunk_size: int, num_outputs: int):
-    """Up to ``chunk_size`` steps ``carry, outputs = step_fn(carry)`` in one ``while_loop``.
+@dataclass(frozen=True)
+class _Split:
+    """The training and validation rows (and contexts) as device arrays, the held-out row
+    indices, and the minibatch plan."""
 
-    ``carry`` holds ``step`` and ``status``; the loop ends early at step ``total`` or when the
-    status leaves ``_RUNNING``, so a short last chunk or an early stop costs nothing (a scan
-    with a per-step ``cond`` spent ~50 µs per skipped step copying the carry). Returns the
-    carry and ``num_outputs`` float32 buffers of length ``chunk_size`` holding each step's
-    scalar outputs; entries past the last step stay NaN.
-    """
-    end = jnp.minimum(carry["step"] + chunk_size, total)
-    nan = jnp.full((chunk_size,), jnp.nan, jnp.float32)
+    data: tuple  # (x_train, x_val, c_train, c_val, w_full): the compiled program's argument
+    val_index: np.ndarray
+    n_train: int
+    batch_size: int
+    full_batch: bool
 
-    def active(s):
-        c = s[0]
-        return (c["status"] == _RUNNING) & (c["step"] < end)
+    @property
+    def has_val(self) -> bool:
+        return self.data[1] is not None
 
-    def body(s):
-        c, i, bufs = s
-        c, outs = step_fn(c)
-        return c, i + 1, tuple(b.at[i].set(o) for b, o in zip(bufs, outs, strict=True))
-
-    carry, _, bufs = jax.lax.while_loop(active, body, (carry, jnp.int32(0), (nan,) * num_outputs))
-    return carry, bufs
+    @property
+    def num_batches(self) -> int:
+        return -(-self.n_train // self.batch_size)
 
 
-def _tree_where(c, a, b):
-    return jax.tree.map(lambda u, v: jnp.where(c, u, v), a, b)
+def _split_rows(data, ctx, key, n_val: int, batch_size: int | None, ndev: int) -> _Split:
+    """Hold ``n_val`` random rows out for validation; pad a sharded full batch to a multiple
+    of the device count (the padding has weight 0)."""
+    n = data.shape[0]
+    n_train = n - n_val
+    full_batch = batch_size is None or batch_size >= n_train
+    bsz = n_train if full_batch else batch_size
+    if not full_batch and bsz % ndev:
+        raise ValueError(
+            f"fit: batch_size {bsz} must be divisible by the {ndev} devices of the mesh's "
+            f"'data' axis"
+        )
+    order = jax.random.permutation(key, n)
+    rows = [jnp.asarray(a) for a in (data, ctx) if a is not None]
+    held = [a[order[:n_val]] if n_val else None for a in rows]
+    kept = [a[order[n_val:]] if n_val else a for a in rows]
+    w_full = None
+    if full_batch and n_train % ndev:  # a sharded full batch is padded to the device count
+        pad = ndev - n_train % ndev
+        kept = [jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) for a in kept]
+        w_full = (jnp.arange(n_train + pad) < n_train).astype(kept[0].dtype)
+    x_train, c_train = kept[0], (kept[1] if ctx is not None else None)
+    x_val, c_val = held[0], (held[1] if ctx is not None else None)
+    val_index = np.asarray(order[:n_val]) if n_val else np.zeros(0, np.int64)
+    return _Split((x_train, x_val, c_train, c_val, w_full), val_index, n_train, bsz, full_batch)
 
 
-def _all_finite(tree) -> Array:
-    leaves = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def _likelihood_objective(model: Model, split: _Split, key: Array, mesh: Mesh | None) -> Objective:
+    """Maximum likelihood: the mean NLL of a minibatch drawn on the device (a fresh
+    permutation per epoch, from ``key``), validated on the held-out rows."""
 
+    def inputs(perm, t, data):
+        x_train, _, c_train, _, w_full = data
+        if split.full_batch:
+            xb, cb, w = x_train, c_train, w_full
+        else:
+            b = t % split.num_batches
+            perm = jax.lax.cond(
+                b == 0,
+                lambda: epoch_permutation(
+                    key, t // split.num_batches, split.n_train, split.batch_size
+                ),
+                lambda: perm,
+            )
+            idx, w = batch_indices(perm, b, split.n_train, split.batch_size)
+            xb, w = x_train[idx], w.astype(x_train.dtype)
+            cb = c_train[idx] if c_train is not None else None
+        if mesh is not None:  # each device takes its slice of the rows
+            xb, cb, w = parallel.shard_rows((xb, cb, w), mesh)
+        return (xb, cb, w), perm
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool | None):
-        self.enabled = sys.stderr.isatty() if enabled is None else bool(enabled)
-        self.total = total
-        self.start = time.perf_counter()
+    def loss(params, rest, batch, data):
+        xb, cb, w = batch
+        return _nll(model, params, rest, xb, w, cb)
 
-    def update(self, step: int, loss: float, val: float | None, rate: float) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        filled = int(width * step / max(self.total, 1))
-        bar = "█" * filled + "·" * (width - filled)
-        msg = f"\r{bar} {step}/{self.total} loss {loss:.4f}"
-        if val is not None and math.isfinite(val):
-            msg += f" val {val:.4f}"
-        msg += f" {rate:,.0f} steps/s"
-        print(msg, end="", file=sys.stderr, flush=True)
+    def validate(params, rest, t, data):
+        _, x_val, _, c_val, _ = data
+        return _nll(model, params, rest, x_val, None, c_val, train=False)[0], ()
 
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr, flush=True)
+    perm0 = jnp.zeros((1 if split.full_batch else split.num_batches * split.batch_size,), jnp.int32)
+    return Objective(loss, inputs, validate if split.has_val else None, extra=perm0)
 
 
 def fit(
@@ -341,7 +377,6 @@ def fit(
     >>> round(float(hist.loss[0]), 4), bool(hist.loss[-1] < hist.loss[0])
     (38.5757, True)
     """
-    # ---- argument checks (all before any compile) -------------------------------------
     if not isinstance(flow, Flow):
         raise ValueError(f"fit: expected an nflax Flow, received {type(flow).__name__}")
     data = check_data(x, flow.event_shape)
@@ -352,294 +387,133 @@ def fit(
         ctx = parallel.gather_process_data(ctx) if ctx is not None else None
     steps = _positive_int("steps", steps)
     chunk_size = _positive_int("chunk_size", chunk_size)
-    if patience is not None:
-        patience = _positive_int("patience", patience)
-    if val_fraction is None:
-        val_fraction = 0.1 if patience is not None else 0.0
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"fit: val_fraction must be in [0, 1), received {val_fraction}")
     if checkpoint_every is not None:
         chunk_size = _positive_int("checkpoint_every", checkpoint_every)
-    if resume and checkpoint_dir is None:
-        raise ValueError("fit: resume=True needs a checkpoint_dir")
-    if max_grad_norm is not None and not float(max_grad_norm) > 0:
-        raise ValueError(f"fit: max_grad_norm must be > 0, received {max_grad_norm}")
-    if ema is not None:
-        if isinstance(ema, bool) or not 0.0 <= float(ema) < 1.0:
-            raise ValueError(f"fit: ema must be a decay in [0, 1), received {ema!r}")
-        ema = float(ema)
-
-    n = data.shape[0]
-    n_val = int(round(float(val_fraction) * n)) if val_fraction > 0 else 0
-    if val_fraction > 0:
-        n_val = max(n_val, 1)
-    n_train = n - n_val
-    if n_train < 1:
-        raise ValueError(f"fit: {n} point(s) leave no training data after the validation split")
-    if batch_size is not None:
-        batch_size = _positive_int("batch_size", batch_size)
-    full_batch = batch_size is None or batch_size >= n_train
-    bsz = n_train if full_batch else batch_size
+    patience = None if patience is None else _positive_int("patience", patience)
+    val_fraction = _val_fraction(val_fraction, patience)
+    n_val = _num_val(data.shape[0], val_fraction)
+    tx = _with_clipping(optimizer if optimizer is not None else optax.adamw(1e-3), max_grad_norm)
+    ema = _check_ema(ema)
+    bsz = None if batch_size is None else _positive_int("batch_size", batch_size)
     ndev = parallel.data_size(mesh) if mesh is not None else 1
-    if not full_batch and bsz % ndev:
-        raise ValueError(
-            f"fit: batch_size {bsz} must be divisible by the {ndev} devices of the mesh's "
-            f"'data' axis"
-        )
-    num_batches = -(-n_train // bsz)
-    if eval_every is None:
-        eval_every = num_batches
-    eval_every = _positive_int("eval_every", eval_every)
-    has_val = n_val > 0
-    if restore_best is None:
-        restore_best = has_val or patience is not None
-
     key_split, key_shuffle = jax.random.split(key)
-    order = jax.random.permutation(key_split, n)
-    data_j = jnp.asarray(data)
-    x_val = data_j[order[:n_val]] if has_val else None
-    x_train = data_j[order[n_val:]] if has_val else data_j
-    c_val = c_train = None
-    if ctx is not None:
-        ctx_j = jnp.asarray(ctx)
-        c_val = ctx_j[order[:n_val]] if has_val else None
-        c_train = ctx_j[order[n_val:]] if has_val else ctx_j
-    w_full = None  # a sharded full batch is padded to a multiple of the device count
-    if full_batch and n_train % ndev:
-        pad = ndev - n_train % ndev
-        x_train = jnp.concatenate([x_train, jnp.zeros((pad, *x_train.shape[1:]), x_train.dtype)])
-        if c_train is not None:
-            c_train = jnp.concatenate([c_train, jnp.zeros((pad, c_train.shape[1]), c_train.dtype)])
-        w_full = (jnp.arange(n_train + pad) < n_train).astype(x_train.dtype)
-
-    # ---- the pure training program ----------------------------------------------------
-    tx = optimizer if optimizer is not None else optax.adamw(1e-3)
-    if max_grad_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), tx)
-    if any(getattr(m, "needs_data_init", False) for _, m in nnx.iter_graph(flow)):
-        # Data-dependent initialisation (ActNorm) runs once, eagerly, on the first batch.
-        flow.train()
-        flow.log_prob(x_train[:bsz], None if c_train is None else c_train[:bsz])
-    # Training mode (batch statistics) for the steps, evaluation mode for the validation NLL.
-    flow.eval()
-    graphdef_eval = nnx.split(flow, nnx.Param, _FROZEN, ...)[0]
-    flow.train()
-    graphdef, params, frozen, rest = nnx.split(flow, nnx.Param, _FROZEN, ...)
-    opt_state = tx.init(params)
-    patience_v = patience if patience is not None else -1
-
-    def batch_at(carry, d):
-        x_train, _, c_train, _ = d
-        if full_batch:
-            return x_train, c_train, w_full, carry["perm"]
-        b = carry["step"] % num_batches
-        perm = jax.lax.cond(
-            b == 0,
-            lambda: epoch_permutation(key_shuffle, carry["step"] // num_batches, n_train, bsz),
-            lambda: carry["perm"],
-        )
-        idx, w = batch_indices(perm, b, n_train, bsz)
-        cb = c_train[idx] if c_train is not None else None
-        return x_train[idx], cb, w.astype(x_train.dtype), perm
-
-    def do_step(carry, d, total):
-        p, rest = carry["params"], carry["rest"]
-        t = carry["step"]
-        xb, cb, w, perm = batch_at(carry, d)
-        if mesh is not None:  # shard the batch: each device takes its slice of the rows
-            xb, cb, w = parallel.shard_rows((xb, cb, w), mesh)
-        (loss, new_rest), grads = jax.value_and_grad(
-            lambda q: _nll(graphdef, q, rest, xb, w, frozen, cb), has_aux=True
-        )(p)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        avg, p_mon = _average(carry, p, t)  # the monitored parameters (p, or their average)
-        if has_val:
-            do_eval = (t % eval_every == 0) | (t == total - 1)
-            metric = jax.lax.cond(
-                do_eval,
-                lambda: _nll(graphdef_eval, p_mon, rest, d[1], None, frozen, d[3])[0],
-                lambda: jnp.float32(jnp.nan),
-            )
-        elif ema is not None:  # no validation split: the training batch, at the average
-            do_eval = (t % eval_every == 0) | (t == total - 1)
-            metric = jax.lax.cond(
-                do_eval,
-                lambda: _nll(graphdef, p_mon, rest, xb, w, frozen, cb)[0],
-                lambda: jnp.float32(jnp.nan),
-            )
-        else:
-            do_eval, metric = jnp.array(True), loss
-        improved = finite & do_eval & jnp.isfinite(metric) & (metric < carry["best_metric"])
-        updates, new_opt = tx.update(grads, carry["opt_state"], p)
-        new_p = optax.apply_updates(p, updates)
-        status = jnp.where(finite, carry["status"], _NON_FINITE)
-        best_step = jnp.where(improved, t, carry["best_step"])
-        if patience is not None:
-            stop = finite & do_eval & (t - best_step >= patience_v)
-            status = jnp.where(stop, _PATIENCE, status)
-        new = dict(
-            params=_tree_where(finite, new_p, p),
-            rest=_tree_where(finite, new_rest, rest),
-            opt_state=_tree_where(finite, new_opt, carry["opt_state"]),
-            perm=perm,
-            step=jnp.where(finite, t + 1, t),
-            best_params=_tree_where(improved, p_mon, carry["best_params"]),
-            best_rest=_tree_where(improved, rest, carry["best_rest"]),
-            best_metric=jnp.where(improved, metric, carry["best_metric"]),
-            best_step=best_step,
-            status=status,
-        )
-        if ema is not None:
-            new["avg"] = _tree_where(finite, avg, carry["avg"])
-        return new, (jnp.where(finite, loss, jnp.nan), jnp.where(do_eval, metric, jnp.nan))
-
-    def _average(carry, p, t):
-        """The running average including step ``t``'s parameters, and its bias-corrected value
-        (``(None, p)`` without ``ema``)."""
-        if ema is None:
-            return None, p
-        avg = optax.tree_utils.tree_update_moment(p, carry["avg"], ema, 1)
-        return avg, optax.tree_utils.tree_bias_correction(avg, ema, t + 1)
-
-    def chunk(carry, d, total):
-        return run_chunk(lambda c: do_step(c, d, total), carry, total, chunk_size, 2)
-
-    perm0 = jnp.zeros((num_batches * bsz if not full_batch else 1,), jnp.int32)
-    carry = dict(
-        params=params,
-        rest=rest,
-        opt_state=opt_state,
-        perm=perm0,
-        step=jnp.int32(0),
-        best_params=params,
-        best_rest=rest,
-        best_metric=jnp.float32(jnp.inf),
-        best_step=jnp.int32(-1),
-        status=jnp.int32(_RUNNING),
+    split = _split_rows(data, ctx, key_split, n_val, bsz, ndev)
+    if eval_every is None:
+        eval_every = split.num_batches
+    settings = Settings(
+        steps=steps,
+        eval_every=_positive_int("eval_every", eval_every),
+        patience=patience,
+        restore_best=bool(split.has_val or patience is not None)
+        if restore_best is None
+        else bool(restore_best),
+        chunk_size=chunk_size,
+        ema=ema,
+        mesh=mesh,
     )
-    if ema is not None:
-        carry["avg"] = jax.tree.map(jnp.zeros_like, params)
-    total = jnp.int32(steps)
-    args = ((x_train, x_val, c_train, c_val), total)
-    t0 = time.perf_counter()
-    if mesh is not None:  # everything replicated; batches are sharded inside the step
-        carry, args = jax.device_put((carry, args), parallel.replicated(mesh))
-    compiled = jax.jit(chunk, donate_argnums=0).lower(carry, *args).compile()
-    compile_seconds = time.perf_counter() - t0
-    carry = jax.tree.map(jnp.copy, carry)  # donation must not consume the flow's own arrays
+    checkpointing = _checkpointing(
+        checkpoint_dir, keep_checkpoints, resume, data, ctx, key, val_fraction, split, ema
+    )
+    _initialize_from_data(flow, split)
+    model = split_model(flow)
+    run = train(
+        flow,
+        model,
+        _likelihood_objective(model, split, key_shuffle, mesh),
+        tx,
+        split.data,
+        settings,
+        report=Report(_describe(split.has_val), callback),
+        progress=progress,
+        checkpointing=checkpointing,
+    )
+    return _history(run, split)
 
-    # ---- checkpoints: open, and resume from the latest one ------------------------------
-    losses, vals = [], []
-    ckpt = None
-    if checkpoint_dir is not None:
-        from nflax.checkpoint import TrainingCheckpoints
 
-        ckpt = TrainingCheckpoints(checkpoint_dir, keep_checkpoints)
-        fingerprint = {
-            "data_sha256": hashlib.sha256(
-                data.tobytes() + (ctx.tobytes() if ctx is not None else b"")
-            ).hexdigest(),
-            "data_shape": list(data.shape),
-            "key": np.asarray(jax.random.key_data(key)).tolist(),
-            "val_fraction": float(val_fraction),
-            "batch_size": bsz,
-            "ema": ema,
-        }
-        try:  # a refused resume must not leave orbax's threads running
-            leaves, treedef = jax.tree.flatten(carry)
-            if ckpt.latest_step() is not None:
-                if not resume:
-                    raise ValueError(
-                        f"fit: {ckpt.directory} already holds training checkpoints; pass "
-                        f"resume=True to continue that run, or choose an empty checkpoint_dir"
-                    )
-                if ckpt.record().get("fingerprint") != fingerprint:
-                    raise ValueError(
-                        f"fit: the checkpoints in {ckpt.directory} come from a run with other "
-                        f"data, key, val_fraction or batch size; cannot resume"
-                    )
-                saved, record = ckpt.restore(leaves)
-                carry = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved])
-                losses.append(np.asarray(record["loss"], np.float32))
-                vals.append(np.asarray(record["val"], np.float32))
-        except BaseException:
-            ckpt.close()
-            raise
+def _val_fraction(val_fraction: float | None, patience: int | None) -> float:
+    if val_fraction is None:
+        return 0.1 if patience is not None else 0.0
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"fit: val_fraction must be in [0, 1), received {val_fraction}")
+    return float(val_fraction)
 
-    def save_checkpoint():
-        if ckpt is None:
-            return
-        step = int(carry["step"])
-        record = {
-            "step": step,
-            "loss": np.concatenate(losses)[:step].tolist() if losses else [],
-            "val": np.concatenate(vals)[:step].tolist() if vals else [],
-            "fingerprint": fingerprint,
-        }
-        ckpt.save(step, jax.tree.leaves(carry), record)
 
-    # ---- the driver: Python wakes between chunks --------------------------------------
-    bar = _Progress(steps, progress)
-    stop_reason = "steps"
-    start_step = int(carry["step"])
-    t0 = time.perf_counter()
-    try:
-        while True:
-            carry, (loss_c, val_c) = compiled(carry, *args)
-            step, status = int(carry["step"]), int(carry["status"])
-            losses.append(np.asarray(loss_c))
-            vals.append(np.asarray(val_c))
-            elapsed = time.perf_counter() - t0
-            rate = (step - start_step) / elapsed if elapsed > 0 else float("nan")
-            last_loss = _last_finite(losses[-1])
-            last_val = _last_finite(vals[-1]) if has_val else None
-            bar.update(step, last_loss, last_val, rate)
-            save_checkpoint()
-            if status != _RUNNING:
-                stop_reason = _REASONS[status]
-                break
-            if step >= steps:
-                break
-            if callback is not None and callback(
-                step, {"loss": last_loss, "val_loss": last_val, "steps_per_second": rate}
-            ):
-                stop_reason = "callback"
-                break
-        jax.block_until_ready(carry)
-    finally:
-        bar.close()
-        if ckpt is not None:
-            ckpt.close()
-    train_seconds = time.perf_counter() - t0
+def _num_val(n: int, val_fraction: float) -> int:
+    """Rows held out: ``round(val_fraction · n)``, at least 1 when ``val_fraction > 0``."""
+    n_val = max(int(round(val_fraction * n)), 1) if val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise ValueError(f"fit: {n} point(s) leave no training data after the validation split")
+    return n_val
 
-    loss_all = np.concatenate(losses)
-    val_all = np.concatenate(vals)
-    steps_run = int(carry["step"])
-    eval_mask = ~np.isnan(val_all[:steps_run]) if has_val else np.zeros(steps_run, bool)
-    best_step = int(carry["best_step"])
-    restored = bool(restore_best and best_step >= 0)
-    if restored:
-        nnx.update(flow, carry["best_params"], carry["best_rest"])
-    elif ema is not None and steps_run > 0:
-        avg = optax.tree_utils.tree_bias_correction(carry["avg"], ema, steps_run)
-        nnx.update(flow, avg, carry["rest"])
-    else:
-        nnx.update(flow, carry["params"], carry["rest"])
-    flow.eval()
+
+def _check_ema(ema: float | None, who: str = "fit") -> float | None:
+    """``ema`` as a float in ``[0, 1)``, or ``None``."""
+    if ema is None:
+        return None
+    if isinstance(ema, bool) or not 0.0 <= float(ema) < 1.0:
+        raise ValueError(f"{who}: ema must be a decay in [0, 1), received {ema!r}")
+    return float(ema)
+
+
+def _with_clipping(tx: optax.GradientTransformation, max_grad_norm, who: str = "fit"):
+    """``tx`` after clipping gradients to the global norm ``max_grad_norm`` (if given)."""
+    if max_grad_norm is None:
+        return tx
+    if not float(max_grad_norm) > 0:
+        raise ValueError(f"{who}: max_grad_norm must be > 0, received {max_grad_norm}")
+    return optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), tx)
+
+
+def _initialize_from_data(flow: Flow, split: _Split) -> None:
+    """Data-dependent initialisation (ActNorm) runs once, eagerly, on the first batch."""
+    if any(getattr(m, "needs_data_init", False) for _, m in nnx.iter_graph(flow)):
+        x_train, _, c_train, _, _ = split.data
+        flow.train()
+        bsz = split.batch_size
+        flow.log_prob(x_train[:bsz], None if c_train is None else c_train[:bsz])
+
+
+def _checkpointing(directory, keep, resume, data, ctx, key, val_fraction, split, ema):
+    """The run's checkpoint settings, with the fingerprint a resume must match."""
+    if directory is None:
+        if resume:
+            raise ValueError("fit: resume=True needs a checkpoint_dir")
+        return None
+    fingerprint = {
+        "data_sha256": data_fingerprint(data, ctx),
+        "data_shape": list(data.shape),
+        "key": np.asarray(jax.random.key_data(key)).tolist(),
+        "val_fraction": float(val_fraction),
+        "batch_size": split.batch_size,
+        "ema": ema,
+    }
+    return Checkpointing(directory, keep, bool(resume), fingerprint, "fit")
+
+
+def _describe(has_val: bool):
+    def describe(last: list[float]) -> dict:
+        return {"loss": last[0], "val_loss": last[1] if has_val else None}
+
+    return describe
+
+
+def _history(run: Run, split: _Split) -> History:
+    loss, metric = run.outputs[0], run.outputs[1]
+    evaluated = ~np.isnan(metric) if split.has_val else np.zeros(run.steps_run, bool)
     return History(
-        loss=loss_all[:steps_run],
-        val_loss=val_all[:steps_run][eval_mask],
-        val_steps=np.nonzero(eval_mask)[0],
-        val_index=np.asarray(order[:n_val]) if has_val else np.zeros(0, np.int64),
-        stop_reason=stop_reason,
-        steps_run=steps_run,
-        best_step=best_step if best_step >= 0 else None,
-        best_loss=float(carry["best_metric"]) if best_step >= 0 else None,
-        non_finite_step=steps_run if stop_reason == "non_finite" else None,
-        restored_best=restored,
-        steps_per_second=(steps_run - start_step) / train_seconds if train_seconds > 0 else 0.0,
-        compile_seconds=compile_seconds,
-        train_seconds=train_seconds,
+        loss=loss,
+        val_loss=metric[evaluated],
+        val_steps=np.nonzero(evaluated)[0],
+        val_index=split.val_index,
+        stop_reason=run.stop_reason,
+        steps_run=run.steps_run,
+        best_step=run.best_step,
+        best_loss=run.best_metric,
+        non_finite_step=run.steps_run if run.stop_reason == "non_finite" else None,
+        restored_best=run.restored_best,
+        steps_per_second=run.steps_per_second,
+        compile_seconds=run.compile_seconds,
+        train_seconds=run.train_seconds,
     )
 
 
@@ -664,11 +538,6 @@ def _check_context(flow: Flow, context, n: int) -> np.ndarray | None:
     if problem:
         raise ValueError(f"context: {problem}")
     return c
-
-
-def _last_finite(a: np.ndarray) -> float:
-    f = a[np.isfinite(a)]
-    return float(f[-1]) if f.size else float("nan")
 
 
 def _positive_int(name: str, v, who: str = "fit") -> int:
@@ -701,7 +570,7 @@ def nll(
     data = check_data(x, flow.event_shape)
     ctx = _check_context(flow, context, data.shape[0])
     mesh = parallel.resolve_mesh(mesh, devices, "nll")
-    graphdef, frozen, state = nnx.split(flow, _FROZEN, ...)
+    graphdef, frozen, state = nnx.split(flow, FROZEN, ...)
     neg_log_prob = lambda s, xb, cb: -nnx.merge(graphdef, frozen, s).log_prob(xb, cb)
     if mesh is None:
         fn = jax.jit(neg_log_prob)

@@ -17,10 +17,10 @@ reparameterised: the gradient flows through the inverse pass ``x = f_θ⁻¹(z)`
   IAF); on correlated Gaussians it cut the moment errors two- to three-fold
   (``benchmarks/README.md``).
 
-The engine is :func:`nflax.fit`'s: one jitted ``jax.lax.while_loop`` per chunk of steps, the flow
-split into ``(graphdef, params, frozen, rest)`` once (masks and initialisation state enter as
-constants), fresh samples drawn inside the compiled loop from ``fold_in(key, step)``, a NaN
-guard in the loop state, Python awake between chunks.
+The engine is :mod:`nflax.engine`, as for :func:`nflax.fit`: one jitted ``jax.lax.while_loop``
+per chunk of steps, fresh samples drawn inside the compiled loop from ``fold_in(key, step)``, a
+NaN guard, patience and best parameters on the ELBO of fresh evaluation samples, checkpoints
+and exact resume; Python awake between chunks.
 
 Diagnostics use importance weights ``w = p̃(x)/q(x)``, ``x ~ q``:
 ``log Z ≈ log mean w`` (``mean w`` is unbiased for ``Z``; its log is, in expectation, a lower
@@ -36,7 +36,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import time
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,17 +50,18 @@ from jax.sharding import Mesh
 from nflax import parallel
 from nflax.bijections.normalization import DataInit
 from nflax.distributions import Flow
-from nflax.training import (
-    _FROZEN,
-    _NON_FINITE,
-    _RUNNING,
-    _all_finite,
-    _last_finite,
-    _positive_int,
-    _Progress,
-    _tree_where,
-    run_chunk,
+from nflax.engine import (
+    Checkpointing,
+    Model,
+    Objective,
+    Report,
+    Run,
+    Settings,
+    mutable_state,
+    split_model,
+    train,
 )
+from nflax.training import _check_ema, _positive_int, _with_clipping
 
 Array = jax.Array
 LogDensity = Callable[[Array], Array]
@@ -72,16 +73,20 @@ class VIHistory:
 
     ``elbo[t]`` is the ELBO estimate (``−loss``, nats) from the ``num_samples`` samples of step
     ``t``, with the parameters before that step's update. At the steps ``eval_steps`` a fresh
-    batch of ``eval_samples`` samples gives ``ess_fraction`` (ESS / number of samples) and
-    ``log_z`` (``log mean w``) for the parameters of that step.
+    batch of ``eval_samples`` samples gives ``eval_elbo`` (the monitored metric of patience and
+    ``restore_best``), ``ess_fraction`` (ESS / number of samples) and ``log_z``
+    (``log mean w``) for the parameters of that step.
     """
 
     elbo: np.ndarray
     eval_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     ess_fraction: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     log_z: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    eval_elbo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     stop_reason: str = "steps"
     steps_run: int = 0
+    best_step: int | None = None
+    restored_best: bool = False
     non_finite_step: int | None = None
     num_samples: int = 0
     eval_samples: int = 0
@@ -134,15 +139,15 @@ def importance_diagnostics(log_w: Array) -> tuple[Array, Array, Array]:
     return jnp.mean(log_w), ess, lse - math.log(n)
 
 
-def _log_weights(graphdef, params, frozen, rest, key, n, log_density, stl, mesh=None):
+def _log_weights(model: Model, params, rest, key, n, log_density, stl, mesh=None, train=True):
     """``log w = log p̃(x) − log q(x)`` for ``n`` reparameterised samples ``x ~ q`` (latent →
-    data), and the model's mutable state after the call. ``frozen``: state no step changes;
-    ``mesh``: split the samples over its ``"data"`` axis."""
-    model = nnx.merge(graphdef, params, frozen, rest)
-    x, log_q = _sample_and_log_q(model, key, n, mesh)
-    new_rest = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, _FROZEN)))
+    data), and the model's mutable state after the call; ``mesh``: split the samples over its
+    ``"data"`` axis."""
+    flow = model.merge(params, rest, train=train)
+    x, log_q = _sample_and_log_q(flow, key, n, mesh)
+    new_rest = mutable_state(flow)
     if stl:  # log q at x with the parameters held fixed: only the path derivative remains
-        held = nnx.merge(graphdef, jax.lax.stop_gradient(params), frozen, new_rest)
+        held = model.merge(jax.lax.stop_gradient(params), new_rest, train=train)
         log_q = held.log_prob(x)
     return log_density(x) - log_q, new_rest
 
@@ -223,6 +228,13 @@ def fit_vi(
     callback: Callable[[int, dict], bool | None] | None = None,
     mesh: Mesh | None = None,
     devices: str | Sequence | None = None,
+    patience: int | None = None,
+    restore_best: bool | None = None,
+    ema: float | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 3,
+    resume: bool = False,
 ) -> VIHistory:
     """Fit ``flow`` to ``p̃ = exp(log_density)`` by minimising the negative ELBO, in place.
 
@@ -251,6 +263,15 @@ def fit_vi(
         ``num_samples`` and ``eval_samples`` must divide by the number of devices on that
         axis (the default ``eval_samples`` is rounded up to a multiple).
       devices: ``"all"`` (or a list of devices) builds that mesh for you.
+      patience: stop when the ELBO on ``eval_samples`` fresh samples, evaluated every
+        ``eval_every`` steps, has not improved for this many steps.
+      restore_best: leave the flow with the parameters of the best evaluated ELBO (default:
+        on when ``patience`` is set).
+      ema: keep an exponential moving average of the parameters (see :func:`nflax.fit`); it is
+        what is evaluated, and what the flow ends with.
+      checkpoint_dir, checkpoint_every, keep_checkpoints, resume: training checkpoints and
+        exact resume, as in :func:`nflax.fit`. A resume checks the key, the sample counts,
+        the estimator and the dimension; it cannot check that ``log_density`` is the same.
 
     Returns:
       A :class:`VIHistory`. A non-finite loss or gradient stops training (``stop_reason
@@ -271,20 +292,74 @@ def fit_vi(
     True
     """
     who = "fit_vi"
+    dim = _vector_dim(flow, who)
+    steps = _positive_int("steps", steps, who)
+    num_samples = _positive_int("num_samples", num_samples, who)
+    chunk_size = _positive_int("chunk_size", chunk_size, who)
+    if checkpoint_every is not None:
+        chunk_size = _positive_int("checkpoint_every", checkpoint_every, who)
+    if eval_every is None:
+        eval_every = max(1, min(chunk_size, steps // 20))
+    mesh = parallel.resolve_mesh(mesh, devices, who)
+    eval_samples = _sample_counts(num_samples, eval_samples, mesh, who)
+    patience = None if patience is None else _positive_int("patience", patience, who)
+    settings = Settings(
+        steps=steps,
+        eval_every=_positive_int("eval_every", eval_every, who),
+        patience=patience,
+        restore_best=patience is not None if restore_best is None else bool(restore_best),
+        chunk_size=chunk_size,
+        ema=_check_ema(ema, who),
+        mesh=mesh,
+    )
+    tx = _with_clipping(
+        optimizer if optimizer is not None else default_vi_optimizer(steps), max_grad_norm, who
+    )
+    check_log_density(log_density, dim, num_samples, who)
+    stl = bool(stick_the_landing)
+    checkpointing = None
+    if checkpoint_dir is not None:
+        fingerprint = {
+            "key": np.asarray(jax.random.key_data(key)).tolist(),
+            "dim": dim,
+            "num_samples": num_samples,
+            "eval_samples": eval_samples,
+            "stick_the_landing": stl,
+            "ema": settings.ema,
+        }
+        checkpointing = Checkpointing(checkpoint_dir, keep_checkpoints, resume, fingerprint, who)
+    elif resume:
+        raise ValueError(f"{who}: resume=True needs a checkpoint_dir")
+    _start_data_init_at_identity(flow)
+    model = split_model(flow)
+    objective = _elbo_objective(model, log_density, key, num_samples, eval_samples, stl, mesh)
+    run = train(
+        flow,
+        model,
+        objective,
+        tx,
+        (),
+        settings,
+        report=Report(_describe, callback),
+        progress=progress,
+        checkpointing=checkpointing,
+    )
+    return _vi_history(run, num_samples, eval_samples, stl)
+
+
+def _vector_dim(flow, who: str) -> int:
     if not isinstance(flow, Flow):
         raise ValueError(f"{who}: expected an nflax Flow, received {type(flow).__name__}")
     if len(flow.event_shape) != 1:
         raise ValueError(
             f"{who}: needs a flow over vectors (event shape (dim,)), received {flow.event_shape}"
         )
-    dim = flow.event_shape[0]
-    steps = _positive_int("steps", steps, who)
-    num_samples = _positive_int("num_samples", num_samples, who)
-    chunk_size = _positive_int("chunk_size", chunk_size, who)
-    if eval_every is None:
-        eval_every = max(1, min(chunk_size, steps // 20))
-    eval_every = _positive_int("eval_every", eval_every, who)
-    mesh = parallel.resolve_mesh(mesh, devices, who)
+    return flow.event_shape[0]
+
+
+def _sample_counts(num_samples: int, eval_samples: int | None, mesh, who: str) -> int:
+    """``eval_samples`` (default ``max(num_samples, 1024)``, rounded up to the device count),
+    after checking that both counts divide by the number of devices."""
     ndev = parallel.data_size(mesh) if mesh is not None else 1
     if eval_samples is None:
         eval_samples = -(-max(num_samples, 1024) // ndev) * ndev
@@ -295,144 +370,73 @@ def fit_vi(
                 f"{who}: {name} {n} must be divisible by the {ndev} devices of the mesh's "
                 f"'data' axis"
             )
-    if max_grad_norm is not None and not float(max_grad_norm) > 0:
-        raise ValueError(f"{who}: max_grad_norm must be > 0, received {max_grad_norm}")
-    check_log_density(log_density, dim, num_samples, who)
-    stl = bool(stick_the_landing)
+    return eval_samples
 
-    tx = optimizer if optimizer is not None else default_vi_optimizer(steps)
-    if max_grad_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), tx)
-    for _, m in nnx.iter_graph(flow):  # ActNorm: there is no data in VI, start at the identity
+
+def _start_data_init_at_identity(flow: Flow) -> None:
+    """ActNorm has no data in VI: it starts initialised, at the identity."""
+    for _, m in nnx.iter_graph(flow):
         flag = getattr(m, "initialized", None)
         if isinstance(flag, DataInit):
             flag[...] = jnp.ones_like(flag[...])
-    flow.eval()
-    graphdef_eval = nnx.split(flow, nnx.Param, _FROZEN, ...)[0]
-    flow.train()
-    # masks, permutations and initialisation state enter the compiled loop as constants
-    graphdef, params, frozen, rest = nnx.split(flow, nnx.Param, _FROZEN, ...)
+
+
+def _elbo_objective(
+    model: Model,
+    log_density: LogDensity,
+    key: Array,
+    num_samples: int,
+    eval_samples: int,
+    stl: bool,
+    mesh: Mesh | None = None,
+) -> Objective:
+    """Reverse KL: the negative ELBO of ``num_samples`` fresh samples per step (step ``t``
+    draws from ``fold_in(k_train, t)``), validated by the ELBO, ESS fraction and ``log Z``
+    estimate of ``eval_samples`` samples (from ``fold_in(k_eval, t)``)."""
     key_train, key_eval = jax.random.split(key)
 
-    def do_step(carry, total):
-        p, rest, t = carry["params"], carry["rest"], carry["step"]
+    def inputs(extra, t, data):
+        return jax.random.fold_in(key_train, t), extra
 
-        def loss_fn(q):
-            k = jax.random.fold_in(key_train, t)
-            log_w, new_rest = _log_weights(
-                graphdef, q, frozen, rest, k, num_samples, log_density, stl, mesh
-            )
-            return -jnp.mean(log_w), new_rest
+    def loss(params, rest, k, data):
+        log_w, new_rest = _log_weights(model, params, rest, k, num_samples, log_density, stl, mesh)
+        return -jnp.mean(log_w), new_rest
 
-        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        do_eval = (t % eval_every == 0) | (t == total - 1)
-        nan = jnp.float32(jnp.nan)
-
-        def evaluate():
-            log_w, _ = _log_weights(
-                graphdef_eval,
-                p,
-                frozen,
-                rest,
-                jax.random.fold_in(key_eval, t),
-                eval_samples,
-                log_density,
-                False,
-                mesh,
-            )
-            return importance_diagnostics(log_w)[1:]
-
-        ess, log_z = jax.lax.cond(do_eval, evaluate, lambda: (nan, nan))
-        updates, new_opt = tx.update(grads, carry["opt_state"], p)
-        new_p = optax.apply_updates(p, updates)
-        new = dict(
-            params=_tree_where(finite, new_p, p),
-            rest=_tree_where(finite, new_rest, rest),
-            opt_state=_tree_where(finite, new_opt, carry["opt_state"]),
-            step=jnp.where(finite, t + 1, t),
-            status=jnp.where(finite, carry["status"], _NON_FINITE),
+    def validate(params, rest, t, data):
+        k = jax.random.fold_in(key_eval, t)
+        log_w, _ = _log_weights(
+            model, params, rest, k, eval_samples, log_density, False, mesh, train=False
         )
-        out = (
-            jnp.where(finite, -loss, nan),
-            jnp.where(finite & do_eval, ess, nan),
-            jnp.where(finite & do_eval, log_z, nan),
-        )
-        return new, out
+        elbo, ess, log_z = importance_diagnostics(log_w)
+        return -elbo, (ess, log_z)
 
-    def chunk(carry, total):
-        return run_chunk(lambda c: do_step(c, total), carry, total, chunk_size, 3)
+    return Objective(loss, inputs, validate, num_diagnostics=2)
 
-    carry = dict(
-        params=params,
-        rest=rest,
-        opt_state=tx.init(params),
-        step=jnp.int32(0),
-        status=jnp.int32(_RUNNING),
-    )
-    total = jnp.int32(steps)
-    t0 = time.perf_counter()
-    if mesh is not None:  # everything replicated; the samples are split inside the step
-        carry, total = jax.device_put((carry, total), parallel.replicated(mesh))
-    compiled = jax.jit(chunk, donate_argnums=0).lower(carry, total).compile()
-    compile_seconds = time.perf_counter() - t0
-    carry = jax.tree.map(jnp.copy, carry)  # donation must not consume the flow's own arrays
 
-    elbos, esss, logzs = [], [], []
-    bar = _Progress(steps, progress)
-    stop_reason = "steps"
-    t0 = time.perf_counter()
-    done = 0
-    while True:
-        carry, (elbo_c, ess_c, logz_c) = compiled(carry, total)
-        step, status = int(carry["step"]), int(carry["status"])
-        elbos.append(np.asarray(elbo_c))
-        esss.append(np.asarray(ess_c))
-        logzs.append(np.asarray(logz_c))
-        elapsed = time.perf_counter() - t0
-        rate = step / elapsed if elapsed > 0 else float("nan")
-        last_elbo = _last_finite(elbos[-1])
-        bar.update(step, -last_elbo, None, rate)
-        if status != _RUNNING:
-            stop_reason = "non_finite"
-            break
-        if step >= steps or step == done:
-            break
-        done = step
-        metrics = {
-            "elbo": last_elbo,
-            "ess_fraction": _last_finite(esss[-1]),
-            "log_z": _last_finite(logzs[-1]),
-            "steps_per_second": rate,
-        }
-        if callback is not None and callback(step, metrics):
-            stop_reason = "callback"
-            break
-    jax.block_until_ready(carry)
-    train_seconds = time.perf_counter() - t0
-    bar.close()
+def _describe(last: list[float]) -> dict:
+    return {"elbo": -last[0], "ess_fraction": last[2], "log_z": last[3], "loss": last[0]}
 
-    steps_run = int(carry["step"])
-    elbo_all = np.concatenate(elbos)[:steps_run]
-    ess_all = np.concatenate(esss)[:steps_run]
-    logz_all = np.concatenate(logzs)[:steps_run]
-    evaluated = ~np.isnan(ess_all)
-    nnx.update(flow, carry["params"], carry["rest"])
-    flow.eval()
+
+def _vi_history(run: Run, num_samples: int, eval_samples: int, stl: bool) -> VIHistory:
+    loss, eval_loss, ess, log_z = run.outputs
+    evaluated = ~np.isnan(ess)
     return VIHistory(
-        elbo=elbo_all,
+        elbo=-loss,
         eval_steps=np.nonzero(evaluated)[0],
-        ess_fraction=ess_all[evaluated],
-        log_z=logz_all[evaluated],
-        stop_reason=stop_reason,
-        steps_run=steps_run,
-        non_finite_step=steps_run if stop_reason == "non_finite" else None,
+        ess_fraction=ess[evaluated],
+        log_z=log_z[evaluated],
+        eval_elbo=-eval_loss[evaluated],
+        stop_reason=run.stop_reason,
+        steps_run=run.steps_run,
+        best_step=run.best_step,
+        restored_best=run.restored_best,
+        non_finite_step=run.steps_run if run.stop_reason == "non_finite" else None,
         num_samples=num_samples,
         eval_samples=eval_samples,
         stick_the_landing=stl,
-        steps_per_second=steps_run / train_seconds if train_seconds > 0 else float("nan"),
-        compile_seconds=compile_seconds,
-        train_seconds=train_seconds,
+        steps_per_second=run.steps_per_second,
+        compile_seconds=run.compile_seconds,
+        train_seconds=run.train_seconds,
     )
 
 
