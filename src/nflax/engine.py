@@ -105,7 +105,7 @@ class Settings:
     """How to run: step budget, evaluation cadence, early stopping, averaging, placement."""
 
     steps: int
-    eval_every: int = 1
+    eval_every: int | None = 1
     patience: int | None = None
     restore_best: bool = False
     chunk_size: int = 500
@@ -145,6 +145,52 @@ class Run:
     def steps_per_second(self) -> float:
         done = self.steps_run - self.start_step
         return done / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def positive_int(name: str, v, who: str) -> int:
+    """``v`` as an int, or a ``ValueError`` naming ``who`` and ``name`` unless it is ≥ 1."""
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or int(v) < 1:
+        raise ValueError(f"{who}: {name} must be a positive integer, received {v!r}")
+    return int(v)
+
+
+def make_settings(
+    who: str,
+    *,
+    steps: int,
+    chunk_size: int,
+    checkpoint_every: int | None,
+    eval_every: int | None,
+    patience: int | None,
+    restore_best: bool,
+    ema: float | None,
+    mesh: Mesh | None,
+) -> Settings:
+    """Checked :class:`Settings` from a training function's arguments (``checkpoint_every``,
+    when given, is the chunk size; ``eval_every=None`` is left for the caller to fill in)."""
+    chunk_size = positive_int("chunk_size", chunk_size, who)
+    if checkpoint_every is not None:
+        chunk_size = positive_int("checkpoint_every", checkpoint_every, who)
+    if ema is not None and (isinstance(ema, bool) or not 0.0 <= float(ema) < 1.0):
+        raise ValueError(f"{who}: ema must be a decay in [0, 1), received {ema!r}")
+    return Settings(
+        steps=positive_int("steps", steps, who),
+        eval_every=None if eval_every is None else positive_int("eval_every", eval_every, who),
+        patience=None if patience is None else positive_int("patience", patience, who),
+        restore_best=bool(restore_best),
+        chunk_size=chunk_size,
+        ema=None if ema is None else float(ema),
+        mesh=mesh,
+    )
+
+
+def with_clipping(tx: optax.GradientTransformation, max_grad_norm, who: str):
+    """``tx`` after clipping gradients to the global norm ``max_grad_norm`` (if given)."""
+    if max_grad_norm is None:
+        return tx
+    if not float(max_grad_norm) > 0:
+        raise ValueError(f"{who}: max_grad_norm must be > 0, received {max_grad_norm}")
+    return optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), tx)
 
 
 # ---- one step, and a chunk of them --------------------------------------------------------

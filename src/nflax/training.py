@@ -12,7 +12,7 @@ import csv
 import io
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +31,13 @@ from nflax.engine import (
     Objective,
     Report,
     Run,
-    Settings,
     data_fingerprint,
+    make_settings,
     mutable_state,
+    positive_int,
     split_model,
     train,
+    with_clipping,
 )
 
 Array = jax.Array
@@ -125,7 +127,7 @@ def warmup_cosine(learning_rate: float, steps: int, warmup: int = 200) -> optax.
     >>> [round(float(lr(t)), 6) for t in (0, 100, 200, 2100, 4000)]
     [0.0, 0.001, 0.002, 0.001, 0.0]
     """
-    steps = _positive_int("steps", steps, "warmup_cosine")
+    steps = positive_int("steps", steps, "warmup_cosine")
     warmup = min(int(warmup), max(steps // 10, 1))
     return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
 
@@ -225,11 +227,12 @@ class _Split:
         return -(-self.n_train // self.batch_size)
 
 
-def _split_rows(data, ctx, key, n_val: int, batch_size: int | None, ndev: int) -> _Split:
+def _split_rows(data, ctx, key, n_val: int, batch_size: int | None, mesh) -> _Split:
     """Hold ``n_val`` random rows out for validation; pad a sharded full batch to a multiple
     of the device count (the padding has weight 0)."""
     n = data.shape[0]
     n_train = n - n_val
+    ndev = parallel.data_size(mesh) if mesh is not None else 1
     full_batch = batch_size is None or batch_size >= n_train
     bsz = n_train if full_batch else batch_size
     if not full_batch and bsz % ndev:
@@ -377,6 +380,54 @@ def fit(
     >>> round(float(hist.loss[0]), 4), bool(hist.loss[-1] < hist.loss[0])
     (38.5757, True)
     """
+    data, ctx, mesh = _fit_rows(flow, x, context, mesh, devices)
+    settings = make_settings(
+        "fit",
+        steps=steps,
+        chunk_size=chunk_size,
+        checkpoint_every=checkpoint_every,
+        eval_every=eval_every,
+        patience=patience,
+        restore_best=restore_best,
+        ema=ema,
+        mesh=mesh,
+    )
+    val_fraction = _val_fraction(val_fraction, settings.patience)
+    tx = with_clipping(
+        optimizer if optimizer is not None else optax.adamw(1e-3), max_grad_norm, "fit"
+    )
+    bsz = None if batch_size is None else positive_int("batch_size", batch_size, "fit")
+    checkpointing = _checkpointing(checkpoint_dir, keep_checkpoints, resume)
+    key_split, key_shuffle = jax.random.split(key)
+    split = _split_rows(data, ctx, key_split, _num_val(len(data), val_fraction), bsz, mesh)
+    settings = replace(
+        settings,
+        eval_every=settings.eval_every or split.num_batches,
+        restore_best=(split.has_val or patience is not None)
+        if restore_best is None
+        else settings.restore_best,
+    )
+    if checkpointing is not None:
+        checkpointing.fingerprint.update(_fingerprint(data, ctx, key, val_fraction, split, ema))
+    _initialize_from_data(flow, split)
+    model = split_model(flow)
+    objective = _likelihood_objective(model, split, key_shuffle, mesh)
+    run = train(
+        flow,
+        model,
+        objective,
+        tx,
+        split.data,
+        settings,
+        report=_report(split, callback),
+        progress=progress,
+        checkpointing=checkpointing,
+    )
+    return _history(run, split)
+
+
+def _fit_rows(flow, x, context, mesh, devices):
+    """The checked data and context rows (every process's, with a mesh) and the mesh."""
     if not isinstance(flow, Flow):
         raise ValueError(f"fit: expected an nflax Flow, received {type(flow).__name__}")
     data = check_data(x, flow.event_shape)
@@ -385,49 +436,7 @@ def fit(
     if mesh is not None:
         data = parallel.gather_process_data(data)
         ctx = parallel.gather_process_data(ctx) if ctx is not None else None
-    steps = _positive_int("steps", steps)
-    chunk_size = _positive_int("chunk_size", chunk_size)
-    if checkpoint_every is not None:
-        chunk_size = _positive_int("checkpoint_every", checkpoint_every)
-    patience = None if patience is None else _positive_int("patience", patience)
-    val_fraction = _val_fraction(val_fraction, patience)
-    n_val = _num_val(data.shape[0], val_fraction)
-    tx = _with_clipping(optimizer if optimizer is not None else optax.adamw(1e-3), max_grad_norm)
-    ema = _check_ema(ema)
-    bsz = None if batch_size is None else _positive_int("batch_size", batch_size)
-    ndev = parallel.data_size(mesh) if mesh is not None else 1
-    key_split, key_shuffle = jax.random.split(key)
-    split = _split_rows(data, ctx, key_split, n_val, bsz, ndev)
-    if eval_every is None:
-        eval_every = split.num_batches
-    settings = Settings(
-        steps=steps,
-        eval_every=_positive_int("eval_every", eval_every),
-        patience=patience,
-        restore_best=bool(split.has_val or patience is not None)
-        if restore_best is None
-        else bool(restore_best),
-        chunk_size=chunk_size,
-        ema=ema,
-        mesh=mesh,
-    )
-    checkpointing = _checkpointing(
-        checkpoint_dir, keep_checkpoints, resume, data, ctx, key, val_fraction, split, ema
-    )
-    _initialize_from_data(flow, split)
-    model = split_model(flow)
-    run = train(
-        flow,
-        model,
-        _likelihood_objective(model, split, key_shuffle, mesh),
-        tx,
-        split.data,
-        settings,
-        report=Report(_describe(split.has_val), callback),
-        progress=progress,
-        checkpointing=checkpointing,
-    )
-    return _history(run, split)
+    return data, ctx, mesh
 
 
 def _val_fraction(val_fraction: float | None, patience: int | None) -> float:
@@ -446,24 +455,6 @@ def _num_val(n: int, val_fraction: float) -> int:
     return n_val
 
 
-def _check_ema(ema: float | None, who: str = "fit") -> float | None:
-    """``ema`` as a float in ``[0, 1)``, or ``None``."""
-    if ema is None:
-        return None
-    if isinstance(ema, bool) or not 0.0 <= float(ema) < 1.0:
-        raise ValueError(f"{who}: ema must be a decay in [0, 1), received {ema!r}")
-    return float(ema)
-
-
-def _with_clipping(tx: optax.GradientTransformation, max_grad_norm, who: str = "fit"):
-    """``tx`` after clipping gradients to the global norm ``max_grad_norm`` (if given)."""
-    if max_grad_norm is None:
-        return tx
-    if not float(max_grad_norm) > 0:
-        raise ValueError(f"{who}: max_grad_norm must be > 0, received {max_grad_norm}")
-    return optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), tx)
-
-
 def _initialize_from_data(flow: Flow, split: _Split) -> None:
     """Data-dependent initialisation (ActNorm) runs once, eagerly, on the first batch."""
     if any(getattr(m, "needs_data_init", False) for _, m in nnx.iter_graph(flow)):
@@ -473,13 +464,17 @@ def _initialize_from_data(flow: Flow, split: _Split) -> None:
         flow.log_prob(x_train[:bsz], None if c_train is None else c_train[:bsz])
 
 
-def _checkpointing(directory, keep, resume, data, ctx, key, val_fraction, split, ema):
-    """The run's checkpoint settings, with the fingerprint a resume must match."""
+def _checkpointing(directory, keep: int, resume: bool) -> Checkpointing | None:
     if directory is None:
         if resume:
             raise ValueError("fit: resume=True needs a checkpoint_dir")
         return None
-    fingerprint = {
+    return Checkpointing(directory, keep, bool(resume), {}, "fit")
+
+
+def _fingerprint(data, ctx, key, val_fraction: float, split: _Split, ema) -> dict:
+    """What a resume must find unchanged: the data, the key, the split and the batch size."""
+    return {
         "data_sha256": data_fingerprint(data, ctx),
         "data_shape": list(data.shape),
         "key": np.asarray(jax.random.key_data(key)).tolist(),
@@ -487,14 +482,15 @@ def _checkpointing(directory, keep, resume, data, ctx, key, val_fraction, split,
         "batch_size": split.batch_size,
         "ema": ema,
     }
-    return Checkpointing(directory, keep, bool(resume), fingerprint, "fit")
 
 
-def _describe(has_val: bool):
+def _report(split: _Split, callback) -> Report:
+    has_val = split.has_val
+
     def describe(last: list[float]) -> dict:
         return {"loss": last[0], "val_loss": last[1] if has_val else None}
 
-    return describe
+    return Report(describe, callback)
 
 
 def _history(run: Run, split: _Split) -> History:
@@ -538,12 +534,6 @@ def _check_context(flow: Flow, context, n: int) -> np.ndarray | None:
     if problem:
         raise ValueError(f"context: {problem}")
     return c
-
-
-def _positive_int(name: str, v, who: str = "fit") -> int:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or int(v) < 1:
-        raise ValueError(f"{who}: {name} must be a positive integer, received {v!r}")
-    return int(v)
 
 
 def nll(

@@ -38,7 +38,7 @@ import io
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -56,12 +56,13 @@ from nflax.engine import (
     Objective,
     Report,
     Run,
-    Settings,
+    make_settings,
     mutable_state,
+    positive_int,
     split_model,
     train,
+    with_clipping,
 )
-from nflax.training import _check_ema, _positive_int, _with_clipping
 
 Array = jax.Array
 LogDensity = Callable[[Array], Array]
@@ -171,7 +172,7 @@ def default_vi_schedule(steps: int, learning_rate: float = 3e-3) -> optax.Schedu
     >>> [round(float(lr(t)), 6) for t in (0, 50, 100, 550, 1000)]
     [0.0, 0.0015, 0.003, 0.0015, 0.0]
     """
-    steps = _positive_int("steps", steps, "default_vi_schedule")
+    steps = positive_int("steps", steps, "default_vi_schedule")
     warmup = min(100, steps // 10)
     if warmup == 0:
         return optax.cosine_decay_schedule(learning_rate, steps)
@@ -293,46 +294,33 @@ def fit_vi(
     """
     who = "fit_vi"
     dim = _vector_dim(flow, who)
-    steps = _positive_int("steps", steps, who)
-    num_samples = _positive_int("num_samples", num_samples, who)
-    chunk_size = _positive_int("chunk_size", chunk_size, who)
-    if checkpoint_every is not None:
-        chunk_size = _positive_int("checkpoint_every", checkpoint_every, who)
-    if eval_every is None:
-        eval_every = max(1, min(chunk_size, steps // 20))
     mesh = parallel.resolve_mesh(mesh, devices, who)
-    eval_samples = _sample_counts(num_samples, eval_samples, mesh, who)
-    patience = None if patience is None else _positive_int("patience", patience, who)
-    settings = Settings(
+    settings = make_settings(
+        who,
         steps=steps,
-        eval_every=_positive_int("eval_every", eval_every, who),
-        patience=patience,
-        restore_best=patience is not None if restore_best is None else bool(restore_best),
         chunk_size=chunk_size,
-        ema=_check_ema(ema, who),
+        checkpoint_every=checkpoint_every,
+        eval_every=eval_every,
+        patience=patience,
+        restore_best=patience is not None if restore_best is None else restore_best,
+        ema=ema,
         mesh=mesh,
     )
-    tx = _with_clipping(
-        optimizer if optimizer is not None else default_vi_optimizer(steps), max_grad_norm, who
-    )
+    if settings.eval_every is None:
+        settings = replace(settings, eval_every=max(1, min(settings.chunk_size, steps // 20)))
+    num_samples = positive_int("num_samples", num_samples, who)
+    eval_samples = _sample_counts(num_samples, eval_samples, mesh, who)
+    tx = optimizer if optimizer is not None else default_vi_optimizer(settings.steps)
+    tx = with_clipping(tx, max_grad_norm, who)
     check_log_density(log_density, dim, num_samples, who)
     stl = bool(stick_the_landing)
-    checkpointing = None
-    if checkpoint_dir is not None:
-        fingerprint = {
-            "key": np.asarray(jax.random.key_data(key)).tolist(),
-            "dim": dim,
-            "num_samples": num_samples,
-            "eval_samples": eval_samples,
-            "stick_the_landing": stl,
-            "ema": settings.ema,
-        }
-        checkpointing = Checkpointing(checkpoint_dir, keep_checkpoints, resume, fingerprint, who)
-    elif resume:
-        raise ValueError(f"{who}: resume=True needs a checkpoint_dir")
+    fingerprint = {"key": np.asarray(jax.random.key_data(key)).tolist(), "dim": dim}
+    fingerprint.update(num_samples=num_samples, eval_samples=eval_samples, stl=stl, ema=ema)
+    checkpointing = _checkpointing(checkpoint_dir, keep_checkpoints, resume, fingerprint)
     _start_data_init_at_identity(flow)
     model = split_model(flow)
     objective = _elbo_objective(model, log_density, key, num_samples, eval_samples, stl, mesh)
+    report = Report(_describe, callback)
     run = train(
         flow,
         model,
@@ -340,11 +328,19 @@ def fit_vi(
         tx,
         (),
         settings,
-        report=Report(_describe, callback),
+        report=report,
         progress=progress,
         checkpointing=checkpointing,
     )
     return _vi_history(run, num_samples, eval_samples, stl)
+
+
+def _checkpointing(directory, keep: int, resume: bool, fingerprint: dict):
+    if directory is None:
+        if resume:
+            raise ValueError("fit_vi: resume=True needs a checkpoint_dir")
+        return None
+    return Checkpointing(directory, keep, bool(resume), fingerprint, "fit_vi")
 
 
 def _vector_dim(flow, who: str) -> int:
@@ -363,7 +359,7 @@ def _sample_counts(num_samples: int, eval_samples: int | None, mesh, who: str) -
     ndev = parallel.data_size(mesh) if mesh is not None else 1
     if eval_samples is None:
         eval_samples = -(-max(num_samples, 1024) // ndev) * ndev
-    eval_samples = _positive_int("eval_samples", eval_samples, who)
+    eval_samples = positive_int("eval_samples", eval_samples, who)
     for name, n in (("num_samples", num_samples), ("eval_samples", eval_samples)):
         if n % ndev:
             raise ValueError(
@@ -456,7 +452,7 @@ def vi_diagnostics(
     >>> d["num_samples"], d["elbo"] <= d["log_z"], 0 < d["ess_fraction"] <= 1  # Jensen
     (100, True, True)
     """
-    num_samples = _positive_int("num_samples", num_samples, "vi_diagnostics")
+    num_samples = positive_int("num_samples", num_samples, "vi_diagnostics")
     dim = flow.event_shape[0]
     batch = min(num_samples, 65536)
     check_log_density(log_density, dim, batch, "vi_diagnostics")
