@@ -26,10 +26,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nflax import parallel
-from nflax.bijections.base import Buffer
-from nflax.bijections.normalization import DataInit
 from nflax.datafiles import nonfinite_rows
 from nflax.distributions import Flow
+from nflax.variables import FROZEN as _FROZEN
 
 Array = jax.Array
 
@@ -162,11 +161,6 @@ def check_data(x, event_shape: tuple[int, ...], name: str = "x") -> np.ndarray:
     if problem:
         raise ValueError(f"{name}: {problem}")
     return arr
-
-
-# State that no training step changes: masks, permutations, data-dependent initialisation
-# (done once, before the first step). It enters the compiled loop as constants.
-_FROZEN = nnx.Any(Buffer, DataInit)
 
 
 def _nll(graphdef, params, rest, x, w=None, frozen=None, context=None):

@@ -48,10 +48,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nflax import parallel
-from nflax.bijections.normalization import DataInit
 from nflax.distributions import Flow
 from nflax.training import (
-    _FROZEN,
     _NON_FINITE,
     _RUNNING,
     _all_finite,
@@ -61,6 +59,8 @@ from nflax.training import (
     _tree_where,
     run_chunk,
 )
+from nflax.variables import FROZEN as _FROZEN
+from nflax.variables import DataInit
 
 Array = jax.Array
 LogDensity = Callable[[Array], Array]
