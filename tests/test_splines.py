@@ -17,7 +17,8 @@ from nflax.bijections import (
     rq_spline_inverse,
     rq_spline_log_derivative,
 )
-from nflax.bijections.splines import _knots, split_spline_params
+from nflax.bijections.splines import _knots
+from nflax.bijections.transformers import SplineTransformer, split_params
 from nflax.nets import MLP
 
 K, B = 8, 3.0
@@ -164,11 +165,15 @@ def test_parameter_shape_errors():
         rq_spline_forward(jnp.zeros(3), w, h, jnp.zeros(K))
     with pytest.raises(ValueError, match="bound must be > 0"):
         rq_spline_forward(jnp.zeros(3), w, h, d, bound=0.0)
-    with pytest.raises(ValueError, match="23 parameters per scalar for 8 bins, received 22"):
-        split_spline_params(jnp.zeros((3, 22)), 8)
-    assert num_spline_params(8) == 23
-    parts = split_spline_params(jnp.zeros((3, 23)), 8)
+    sizes = SplineTransformer(8).sizes
+    with pytest.raises(
+        ValueError, match=r"23 parameters per coordinate .*\(8, 8, 7\)\), received 22"
+    ):
+        split_params(jnp.zeros((3, 22)), sizes)
+    assert num_spline_params(8) == 23 == SplineTransformer(8).num_params
+    parts = split_params(jnp.arange(23.0)[None].repeat(3, 0), sizes)
     assert [p.shape for p in parts] == [(3, 8), (3, 8), (3, 7)]
+    assert [float(p[0, 0]) for p in parts] == [0.0, 8.0, 16.0]  # widths, heights, derivatives
 
 
 # -- spline layers ------------------------------------------------------------------------

@@ -4,7 +4,17 @@ Direction convention: ``forward`` maps data → latent (normalizing), ``inverse`
 latent → data (sampling); ``log p(x) = log p_base(f(x)) + log|det ∂f/∂x|``.
 """
 
-from nflax import bijections, checkpoint, datasets, distributions, flows, nets, plotting, vi
+from nflax import (
+    bijections,
+    checkpoint,
+    datasets,
+    distributions,
+    flows,
+    nets,
+    plotting,
+    variables,
+    vi,
+)
 from nflax.checkpoint import load, save
 from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
 from nflax.training import History, fit, nll
@@ -27,6 +37,7 @@ __all__ = [
     "nets",
     "nll",
     "plotting",
+    "variables",
     "vi",
     "VIHistory",
 ]

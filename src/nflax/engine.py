@@ -36,17 +36,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nflax import parallel
-from nflax.bijections.base import Buffer
-from nflax.bijections.normalization import DataInit
+from nflax.variables import FROZEN
 
 Array = jax.Array
 
 RUNNING, PATIENCE, NON_FINITE = 0, 1, 2
 _REASONS = {PATIENCE: "patience", NON_FINITE: "non_finite"}
-
-# State that no training step changes: masks, permutations, data-dependent initialisation
-# (done once, before the first step). It enters the compiled loop as constants.
-FROZEN = nnx.Any(Buffer, DataInit)
 
 
 # ---- the model, split once ------------------------------------------------------------------

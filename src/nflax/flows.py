@@ -1,15 +1,24 @@
-"""Ready-made flows. Each constructor records its own arguments so a checkpoint can rebuild it.
+"""Ready-made flows: thin constructors over one assembly helper, their specs recorded from
+their own signatures.
 
 Every constructor takes ``context_dim=`` (the size of the raw context; ``None``: an
 unconditional flow) and ``embedding=``: the layer sizes of an MLP (tanh, last layer linear)
 that maps the raw context to features once per call, e.g. ``(32, 8)`` gives
-``context_dim → 32 → 8`` and the layers (and a conditional base) see 8 features. Both are in
-the spec, so :func:`nflax.load` rebuilds the embedding with the flow.
+``context_dim → 32 → 8`` and the layers (and a conditional base) see 8 features.
+
+A constructor only says which layer goes at depth ``i`` (a coupling with its mask, or an
+autoregressive layer with its order, and its transformer); :func:`_assemble` builds the rest:
+the optional :class:`~nflax.bijections.ActNorm`, the stack, the context embedding and the base.
+Each call's arguments, defaults included, become the flow's ``spec`` (see :func:`_constructor`),
+so :func:`nflax.load` rebuilds any flow, whatever arguments it was built with.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import typing
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp  # noqa: F401  (doctest namespace)
@@ -22,11 +31,14 @@ from nflax.bijections.coupling import AdditiveCoupling, SplineCoupling
 from nflax.bijections.elementwise import Affine
 from nflax.bijections.normalization import ActNorm
 from nflax.bijections.planar import Planar
-from nflax.bijections.splines import num_spline_params
+from nflax.bijections.transformers import SplineTransformer, Transformer
 from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
 from nflax.nets import MLP, get_activation
 
 CONSTRUCTORS: dict[str, Callable[..., Flow]] = {}
+
+# Layer ``i`` of a stack, given the number of context features its conditioner sees (or None).
+LayerFactory = Callable[[int, "int | None"], Bijection]
 
 
 def register(fn: Callable[..., Flow]) -> Callable[..., Flow]:
@@ -42,19 +54,176 @@ def build(name: str, **kwargs) -> Flow:
     return CONSTRUCTORS[name](**kwargs)
 
 
-def _spec(name: str, **kwargs) -> str:
-    return json.dumps({"constructor": name, "kwargs": kwargs}, sort_keys=True)
+# -- the spec, recorded from the signature -------------------------------------------------------
 
 
-def _check_dim(name: str, dim: int, num_layers: int, activation: str = "tanh") -> None:
-    get_activation(activation, name)  # an unknown name fails here, named by the constructor
-    if int(dim) < 1:
-        raise ValueError(f"{name}: dim must be ≥ 1, received {dim}")
-    if int(num_layers) < 1:
-        raise ValueError(f"{name}: num_layers must be ≥ 1, received {num_layers}")
+def _coerce(who: str, arg: str, value, hint):
+    """``value`` as the type its annotation ``hint`` names: ``int``, ``float``, ``bool``, ``str``,
+    ``Sequence[...]`` (a tuple, JSON's list) or ``X | None``; other hints pass it through."""
+    options = typing.get_args(hint)
+    if type(None) in options:
+        if value is None:
+            return None
+        (hint,) = [h for h in options if h is not type(None)]
+    try:
+        if typing.get_origin(hint) is Sequence:
+            if isinstance(value, str):
+                raise TypeError
+            return tuple(_coerce(who, arg, v, typing.get_args(hint)[0]) for v in value)
+        if hint is str and not isinstance(value, str):
+            raise TypeError
+        return hint(value) if hint in (int, float, bool, str) else value
+    except (TypeError, ValueError):
+        kind = hint.__name__ if isinstance(hint, type) else str(hint)
+        raise ValueError(f"{who}: {arg} must be {kind}, received {value!r}") from None
 
 
-@register
+def _check_shared(name: str, values: dict) -> None:
+    """The arguments that mean the same in every constructor, checked once, by name: ``dim``
+    and ``num_layers`` (≥ 1), ``activation`` (a name in :data:`nflax.nets.ACTIVATIONS`),
+    ``context_dim`` (≥ 1 or None) and ``embedding`` (positive sizes, with a context)."""
+    if "activation" in values:
+        get_activation(values["activation"], name)  # an unknown name fails, named by `name`
+    for arg in ("dim", "num_layers", "context_dim"):
+        value = values.get(arg)
+        if value is not None and value < 1:
+            none = " or None" if arg == "context_dim" else ""
+            raise ValueError(f"{name}: {arg} must be ≥ 1{none}, received {value}")
+    embedding = values.get("embedding")
+    if embedding is not None and values.get("context_dim") is None:
+        raise ValueError(f"{name}: an embedding network needs context_dim")
+    if embedding is not None and (not embedding or min(embedding) < 1):
+        raise ValueError(
+            f"{name}: embedding must be a non-empty list of positive layer sizes, "
+            f"received {list(embedding)}"
+        )
+
+
+def _constructor(fn: Callable[..., Flow]) -> Callable[..., Flow]:
+    """Register ``fn``, recording each call's spec from its signature.
+
+    The call is bound to ``fn``'s signature with the defaults filled in; every argument is
+    coerced to the type its annotation names (:func:`_coerce`), the shared ones are checked
+    (:func:`_check_shared`), and all are handed to ``fn`` and, but for ``rngs``, recorded as
+    the flow's ``spec``. A new argument is therefore saved and reloaded by :func:`nflax.save`
+    and :func:`nflax.load` with no further code.
+    """
+    signature = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+
+    @functools.wraps(fn)
+    def recorded(*args, **kwargs) -> Flow:
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        values = {
+            k: v if k == "rngs" else _coerce(fn.__name__, k, v, hints.get(k))
+            for k, v in call.arguments.items()
+        }
+        _check_shared(fn.__name__, values)
+        flow = fn(**values)
+        spec = {k: v for k, v in values.items() if k != "rngs"}
+        flow.spec = json.dumps({"constructor": fn.__name__, "kwargs": spec}, sort_keys=True)
+        return flow
+
+    return register(recorded)
+
+
+# -- the assembly helper -------------------------------------------------------------------------
+
+
+def _embedding(context_dim, embedding, rngs: nnx.Rngs) -> tuple[MLP | None, int | None]:
+    """The embedding MLP, if any (``embedding``: its layer sizes, the last one the number of
+    features), and the number of context features the layers and the base see."""
+    if embedding is None:
+        return None, context_dim
+    # Not zero-initialised: the features must carry the context from the first step.
+    net = MLP(context_dim, embedding[-1], hidden=embedding[:-1], zero_init_output=False, rngs=rngs)
+    return net, embedding[-1]
+
+
+def _coupling_mask(dim: int, i: int):
+    """Layer ``i``'s coupling mask: alternating parities; for ``dim = 1`` always ``[0]`` (the
+    one coordinate is transformed, by a function of the context only), never the identity."""
+    return alternating_mask(dim, 1) if dim == 1 else alternating_mask(dim, i % 2)
+
+
+def _order(dim: int, i: int) -> list[int]:
+    """Autoregressive order of layer ``i``: ``1..dim``, reversed on odd layers (the flip that
+    mixes the coordinates between layers; for ``dim = 1`` nothing to reverse)."""
+    order = list(range(1, dim + 1))
+    return order[::-1] if i % 2 else order
+
+
+def _couplings(coupling, num_params, dim, hidden, activation, rngs, **options) -> LayerFactory:
+    """Layer ``i``: ``coupling(mask_i, MLP, **options)``, the MLP mapping the masked input (and
+    the context features) to ``dim · num_params`` transformer parameters."""
+
+    def layer(i: int, features: int | None) -> Bijection:
+        net = MLP(
+            dim + (features or 0), dim * num_params, hidden=hidden, activation=activation, rngs=rngs
+        )
+        return coupling(_coupling_mask(dim, i), net, context_dim=features, **options)
+
+    return layer
+
+
+def _autoregressive(
+    transformer: str | Transformer, dim, hidden, activation, rngs, *, invert: bool = False
+) -> LayerFactory:
+    """Layer ``i``: a :class:`MaskedAutoregressive` in the order :func:`_order` gives it, or
+    (``invert=True``) its inverse, an IAF layer."""
+
+    def layer(i: int, features: int | None) -> Bijection:
+        made = MaskedAutoregressive(
+            dim,
+            transformer=transformer,
+            hidden=hidden,
+            context_dim=features,
+            order=_order(dim, i),
+            activation=activation,
+            rngs=rngs,
+        )
+        return Invert(made) if invert else made
+
+    return layer
+
+
+def _assemble(
+    dim: int,
+    num_layers: int,
+    layer: LayerFactory,
+    rngs: nnx.Rngs,
+    context_dim: int | None,
+    embedding: Sequence[int] | None,
+    *,
+    actnorm: bool = False,
+    tail: Bijection | None = None,
+    conditional_base: bool = False,
+) -> Flow:
+    """The flow ``[ActNorm →] Stack(layer(0), …, layer(num_layers − 1)) [→ tail]``.
+
+    The context (``context_dim``, an optional ``embedding`` MLP) decides the number of features
+    each layer's conditioner sees; ``conditional_base=True`` makes the base a
+    :class:`~nflax.distributions.ConditionalDiagNormal` when there is a context (else the base
+    is a standard normal). Random draws come in a fixed order: the embedding, the layers in
+    turn, the base.
+    """
+    net, features = _embedding(context_dim, embedding, rngs)
+    parts = [ActNorm(dim)] if actnorm else []
+    parts.append(Stack([layer(i, features) for i in range(num_layers)]))
+    parts += [tail] if tail is not None else []
+    bijection = parts[0] if len(parts) == 1 else Chain(parts)
+    if conditional_base and features is not None:
+        base = ConditionalDiagNormal(dim, features, rngs=rngs)
+    else:
+        base = StandardNormal(dim)
+    return Flow(base, bijection, embedding=net)
+
+
+# -- the constructors ----------------------------------------------------------------------------
+
+
+@_constructor
 def realnvp(
     dim: int,
     *,
@@ -87,34 +256,16 @@ def realnvp(
     >>> [round(float(v), 4) for v in flow.log_prob(jnp.zeros((3, 2)))]  # −log 2π
     [-1.8379, -1.8379, -1.8379]
     """
-    _check_dim("realnvp", dim, num_layers, activation)
-    dim, num_layers = int(dim), int(num_layers)
-    hidden = tuple(int(h) for h in hidden)
-    cond = _Conditioning("realnvp", context_dim, embedding, rngs)
-    cin = dim + (cond.features or 0)
+    coupling = _couplings(AffineCoupling, 2, dim, hidden, activation, rngs)
 
-    def block(i: int) -> Bijection:
-        net = MLP(cin, 2 * dim, hidden=hidden, activation=activation, rngs=rngs)
-        layer = AffineCoupling(_coupling_mask(dim, i), net, context_dim=cond.features)
-        return Chain([layer, LeakyReLU(dim)]) if leaky_relu else layer
+    def layer(i: int, features: int | None) -> Bijection:
+        block = coupling(i, features)
+        return Chain([block, LeakyReLU(dim)]) if leaky_relu else block
 
-    bijection = Stack([block(i) for i in range(num_layers)])
-    if actnorm:
-        bijection = Chain([ActNorm(dim), bijection])
-    spec = _spec(
-        "realnvp",
-        dim=dim,
-        num_layers=num_layers,
-        hidden=list(hidden),
-        leaky_relu=bool(leaky_relu),
-        actnorm=bool(actnorm),
-        activation=activation,
-        **cond.spec(),
-    )
-    return Flow(StandardNormal(dim), bijection, embedding=cond.net, spec=spec)
+    return _assemble(dim, num_layers, layer, rngs, context_dim, embedding, actnorm=actnorm)
 
 
-@register
+@_constructor
 def planar(
     dim: int,
     *,
@@ -137,78 +288,14 @@ def planar(
     >>> bool(jnp.allclose(flow.log_prob(x), log_p, atol=1e-4))
     True
     """
-    _check_dim("planar", dim, num_layers)
-    dim, num_layers = int(dim), int(num_layers)
-    cond = _Conditioning("planar", context_dim, embedding, rngs)
-    bijection = Stack([Planar(dim, rngs=rngs) for _ in range(num_layers)])
-    spec = _spec("planar", dim=dim, num_layers=num_layers, **cond.spec())
-    base = (
-        StandardNormal(dim)
-        if cond.features is None
-        else ConditionalDiagNormal(dim, cond.features, rngs=rngs)
-    )
-    return Flow(base, bijection, embedding=cond.net, spec=spec)
+
+    def layer(i: int, features: int | None) -> Bijection:
+        return Planar(dim, rngs=rngs)
+
+    return _assemble(dim, num_layers, layer, rngs, context_dim, embedding, conditional_base=True)
 
 
-def _context_dim(name: str, context_dim: int | None) -> int | None:
-    if context_dim is None:
-        return None
-    if int(context_dim) < 1:
-        raise ValueError(f"{name}: context_dim must be ≥ 1 or None, received {context_dim}")
-    return int(context_dim)
-
-
-class _Conditioning:
-    """A constructor's context handling: the raw ``context_dim``, an optional embedding MLP
-    (``embedding`` = its layer sizes, the last one the number of features) and the feature
-    size the layers and the base see."""
-
-    def __init__(self, name: str, context_dim, embedding, rngs: nnx.Rngs):
-        self.context_dim = _context_dim(name, context_dim)
-        self.sizes = None if embedding is None else [int(s) for s in embedding]
-        self.net = None
-        self.features = self.context_dim
-        if self.sizes is None:
-            return
-        if self.context_dim is None:
-            raise ValueError(f"{name}: an embedding network needs context_dim")
-        if not self.sizes or min(self.sizes) < 1:
-            raise ValueError(
-                f"{name}: embedding must be a non-empty list of positive layer sizes, "
-                f"received {list(embedding)}"
-            )
-        # Not zero-initialised: the features must carry the context from the first step.
-        self.net = MLP(
-            self.context_dim,
-            self.sizes[-1],
-            hidden=self.sizes[:-1],
-            zero_init_output=False,
-            rngs=rngs,
-        )
-        self.features = self.sizes[-1]
-
-    def spec(self) -> dict:
-        """The spec entries: ``context_dim``, and ``embedding`` when there is one."""
-        out = {"context_dim": self.context_dim}
-        if self.sizes is not None:
-            out["embedding"] = self.sizes
-        return out
-
-
-def _coupling_mask(dim: int, i: int):
-    """Layer ``i``'s coupling mask: alternating parities; for ``dim = 1`` always ``[0]`` (the
-    one coordinate is transformed, by a function of the context only), never the identity."""
-    return alternating_mask(dim, 1) if dim == 1 else alternating_mask(dim, i % 2)
-
-
-def _order(dim: int, i: int) -> list[int]:
-    """Autoregressive order of layer ``i``: ``1..dim``, reversed on odd layers (the flip that
-    mixes the coordinates between layers; for ``dim = 1`` nothing to reverse)."""
-    order = list(range(1, dim + 1))
-    return order[::-1] if i % 2 else order
-
-
-@register
+@_constructor
 def nice(
     dim: int,
     *,
@@ -230,74 +317,11 @@ def nice(
     >>> [round(float(v), 4) for v in flow.log_prob(jnp.zeros((3, 2)))]  # −log 2π
     [-1.8379, -1.8379, -1.8379]
     """
-    _check_dim("nice", dim, num_layers, activation)
-    dim, num_layers = int(dim), int(num_layers)
-    hidden = tuple(int(h) for h in hidden)
-    cond = _Conditioning("nice", context_dim, embedding, rngs)
-    cin = dim + (cond.features or 0)
-    couplings = [
-        AdditiveCoupling(
-            _coupling_mask(dim, i),
-            MLP(cin, dim, hidden=hidden, activation=activation, rngs=rngs),
-            context_dim=cond.features,
-        )
-        for i in range(num_layers)
-    ]
-    bijection = Chain([Stack(couplings), Affine(dim)])
-    spec = _spec(
-        "nice",
-        dim=dim,
-        num_layers=num_layers,
-        hidden=list(hidden),
-        activation=activation,
-        **cond.spec(),
-    )
-    return Flow(StandardNormal(dim), bijection, embedding=cond.net, spec=spec)
+    layer = _couplings(AdditiveCoupling, 1, dim, hidden, activation, rngs)
+    return _assemble(dim, num_layers, layer, rngs, context_dim, embedding, tail=Affine(dim))
 
 
-def _autoregressive_layers(
-    dim: int,
-    num_layers: int,
-    hidden: Sequence[int],
-    context_dim: int | None,
-    rngs: nnx.Rngs,
-    **transformer,
-) -> list[MaskedAutoregressive]:
-    return [
-        MaskedAutoregressive(
-            int(dim),
-            hidden=tuple(int(h) for h in hidden),
-            context_dim=context_dim,
-            order=_order(int(dim), i),
-            rngs=rngs,
-            **transformer,
-        )
-        for i in range(int(num_layers))
-    ]
-
-
-def _autoregressive_flow(
-    name, dim, num_layers, hidden, activation, context_dim, embedding, rngs, *, invert
-):
-    """maf (``invert=False``) or iaf (every layer inverted), with its spec."""
-    _check_dim(name, dim, num_layers, activation)
-    cond = _Conditioning(name, context_dim, embedding, rngs)
-    layers = _autoregressive_layers(
-        dim, num_layers, hidden, cond.features, rngs, activation=activation
-    )
-    spec = _spec(
-        name,
-        dim=int(dim),
-        num_layers=int(num_layers),
-        hidden=[int(h) for h in hidden],
-        activation=activation,
-        **cond.spec(),
-    )
-    bijection = Stack([Invert(b) for b in layers] if invert else layers)
-    return Flow(StandardNormal(int(dim)), bijection, embedding=cond.net, spec=spec)
-
-
-@register
+@_constructor
 def maf(
     dim: int,
     *,
@@ -319,12 +343,11 @@ def maf(
     >>> [round(float(v), 4) for v in flow.log_prob(jnp.zeros((3, 2)))]  # −log 2π
     [-1.8379, -1.8379, -1.8379]
     """
-    return _autoregressive_flow(
-        "maf", dim, num_layers, hidden, activation, context_dim, embedding, rngs, invert=False
-    )
+    layer = _autoregressive("affine", dim, hidden, activation, rngs)
+    return _assemble(dim, num_layers, layer, rngs, context_dim, embedding)
 
 
-@register
+@_constructor
 def iaf(
     dim: int,
     *,
@@ -347,12 +370,11 @@ def iaf(
     >>> x.shape, bool(jnp.allclose(flow.log_prob(x), log_p, atol=1e-5))  # dim passes per layer
     ((4, 2), True)
     """
-    return _autoregressive_flow(
-        "iaf", dim, num_layers, hidden, activation, context_dim, embedding, rngs, invert=True
-    )
+    layer = _autoregressive("affine", dim, hidden, activation, rngs, invert=True)
+    return _assemble(dim, num_layers, layer, rngs, context_dim, embedding)
 
 
-@register
+@_constructor
 def nsf(
     dim: int,
     *,
@@ -386,46 +408,12 @@ def nsf(
         raise ValueError(
             f"nsf: variant must be 'coupling' or 'autoregressive', received {variant!r}"
         )
-    if int(bins) < 2 or not float(bound) > 0:
-        raise ValueError(f"nsf: expected bins ≥ 2 and bound > 0, received {bins} and {bound}")
-    dim, num_layers, bins, bound = int(dim), int(num_layers), int(bins), float(bound)
-    hidden = tuple(int(h) for h in hidden)
-    _check_dim("nsf", dim, num_layers, activation)
-    cond = _Conditioning("nsf", context_dim, embedding, rngs)
+    spline = SplineTransformer(bins, bound, who="nsf")
     if variant == "autoregressive":
-        spline = {"transformer": "spline", "bins": bins, "bound": bound, "activation": activation}
-        layers = _autoregressive_layers(dim, num_layers, hidden, cond.features, rngs, **spline)
+        layer = _autoregressive(spline, dim, hidden, activation, rngs)
     else:
-        cout = dim * num_spline_params(bins)
-        layers = [
-            SplineCoupling(
-                _coupling_mask(dim, i),
-                MLP(
-                    dim + (cond.features or 0),
-                    cout,
-                    hidden=hidden,
-                    activation=activation,
-                    rngs=rngs,
-                ),
-                bins=bins,
-                bound=bound,
-                context_dim=cond.features,
-            )
-            for i in range(num_layers)
-        ]
-    spec = _spec(
-        "nsf",
-        dim=dim,
-        variant=variant,
-        num_layers=num_layers,
-        hidden=list(hidden),
-        bins=bins,
-        bound=bound,
-        actnorm=bool(actnorm),
-        activation=activation,
-        **cond.spec(),
-    )
-    bijection = Stack(layers)
-    if actnorm:
-        bijection = Chain([ActNorm(dim), bijection])
-    return Flow(StandardNormal(dim), bijection, embedding=cond.net, spec=spec)
+        options = {"bins": bins, "bound": bound}
+        layer = _couplings(
+            SplineCoupling, spline.num_params, dim, hidden, activation, rngs, **options
+        )
+    return _assemble(dim, num_layers, layer, rngs, context_dim, embedding, actnorm=actnorm)

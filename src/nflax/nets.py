@@ -9,9 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# nflax/__init__ imports ``bijections`` before ``nets``, so ``base`` is loaded by the time the
-# bijections that use these nets import this module.
-from nflax.bijections.base import Buffer
+from nflax.variables import Buffer
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -94,7 +92,7 @@ class MLP(nnx.Module):
 class MaskedLinear(nnx.Module):
     """A dense layer whose kernel is multiplied by a fixed 0/1 ``mask`` of shape ``(in, out)``.
 
-    The mask is a :class:`~nflax.bijections.base.Buffer` (saved with the model, never trained).
+    The mask is a :class:`~nflax.variables.Buffer` (saved with the model, never trained).
     Kernels start Lecun-normal, rescaled per output unit to its number of live inputs, or at
     zero with ``zero_init=True``; biases start at zero.
     """

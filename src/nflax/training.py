@@ -39,6 +39,7 @@ from nflax.engine import (
     train,
     with_clipping,
 )
+from nflax.variables import needs_data_init
 
 Array = jax.Array
 __all__ = [
@@ -457,7 +458,7 @@ def _num_val(n: int, val_fraction: float) -> int:
 
 def _initialize_from_data(flow: Flow, split: _Split) -> None:
     """Data-dependent initialisation (ActNorm) runs once, eagerly, on the first batch."""
-    if any(getattr(m, "needs_data_init", False) for _, m in nnx.iter_graph(flow)):
+    if needs_data_init(flow):
         x_train, _, c_train, _, _ = split.data
         flow.train()
         bsz = split.batch_size

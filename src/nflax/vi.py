@@ -48,7 +48,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nflax import parallel
-from nflax.bijections.normalization import DataInit
 from nflax.distributions import Flow
 from nflax.engine import (
     Checkpointing,
@@ -63,6 +62,7 @@ from nflax.engine import (
     train,
     with_clipping,
 )
+from nflax.variables import DataInit
 
 Array = jax.Array
 LogDensity = Callable[[Array], Array]

@@ -1,10 +1,11 @@
 """Bijections: invertible maps with tractable log-determinants (forward = data → latent)."""
 
 from nflax.bijections.autoregressive import MaskedAutoregressive
-from nflax.bijections.base import Bijection, Buffer, Chain, Invert, Stack
+from nflax.bijections.base import Bijection, Chain, Invert, Stack
 from nflax.bijections.coupling import (
     AdditiveCoupling,
     AffineCoupling,
+    Coupling,
     SplineCoupling,
     alternating_mask,
     half_mask,
@@ -12,7 +13,7 @@ from nflax.bijections.coupling import (
 )
 from nflax.bijections.elementwise import Affine, LeakyReLU, Logit, Sigmoid, Tanh
 from nflax.bijections.linear import LULinear, Permute, Reverse
-from nflax.bijections.normalization import ActNorm, BatchNorm, DataInit
+from nflax.bijections.normalization import ActNorm, BatchNorm
 from nflax.bijections.planar import Planar, Radial
 from nflax.bijections.splines import (
     num_spline_params,
@@ -20,16 +21,26 @@ from nflax.bijections.splines import (
     rq_spline_inverse,
     rq_spline_log_derivative,
 )
+from nflax.bijections.transformers import (
+    AdditiveTransformer,
+    AffineTransformer,
+    SplineTransformer,
+    Transformer,
+)
+from nflax.variables import Buffer, DataInit
 
 __all__ = [
     "ActNorm",
     "AdditiveCoupling",
+    "AdditiveTransformer",
     "Affine",
     "AffineCoupling",
+    "AffineTransformer",
     "BatchNorm",
     "Bijection",
     "Buffer",
     "Chain",
+    "Coupling",
     "DataInit",
     "Invert",
     "LULinear",
@@ -42,8 +53,10 @@ __all__ = [
     "Reverse",
     "Sigmoid",
     "SplineCoupling",
+    "SplineTransformer",
     "Stack",
     "Tanh",
+    "Transformer",
     "alternating_mask",
     "half_mask",
     "num_spline_params",

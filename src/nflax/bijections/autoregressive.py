@@ -8,20 +8,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nflax.bijections.base import Array, Bijection
-from nflax.bijections.splines import num_spline_params, rq_spline_forward, rq_spline_inverse
+from nflax.bijections.base import Array
+from nflax.bijections.transformers import (
+    Transformer,
+    TransformerLayer,
+    get_transformer,
+    split_params,
+)
 from nflax.nets import MADE
 
-TRANSFORMERS = ("affine", "spline")
 
-
-class MaskedAutoregressive(Bijection):
+class MaskedAutoregressive(TransformerLayer):
     r"""Masked autoregressive flow layer (Papamakarios et al. 2017; splines: Durkan et al. 2019).
 
     A :class:`~nflax.nets.MADE` predicts the parameters ``θ_i = net(x_{<i} [, context])`` of an
     elementwise transformer ``τ`` for coordinate ``i`` from the coordinates before it in the
     degree order ``order`` (default ``1, …, dim``); ``z_i = τ(x_i; θ_i)``, so the Jacobian is
     triangular and ``log|det J| = Σ_i log τ'(x_i; θ_i)``.
+
+    ``transformer`` is a :class:`~nflax.bijections.transformers.Transformer` or its name; the
+    MADE predicts its ``num_params`` parameters per coordinate. ``bins`` and ``bound`` are the
+    spline's when ``transformer="spline"``.
 
     ``transformer="affine"``: ``θ_i = (μ_i, α̃_i)``, log-scale bounded as
     ``α_i = e^{c_i} · tanh(α̃_i / e^{c_i})`` (``|α_i| ≤ e^{c_i}``, ``c`` learned per dimension,
@@ -36,6 +43,8 @@ class MaskedAutoregressive(Bijection):
 
         forward:  ``z_i = g_i(x_i)``,     ``log|det J| = Σ_i log g_i'(x_i)``
         inverse:  ``x_i = g_i⁻¹(z_i)``,   ``log|det J⁻¹| = −Σ_i log g_i'(x_i)``
+
+    ``transformer="additive"``: ``θ_i = μ_i``, ``z_i = x_i − μ_i`` (volume preserving).
 
     Cost: the forward (density) direction is one network pass. The inverse (sampling) direction
     is exact but sequential: ``x`` is rebuilt one degree at a time, ``dim`` network passes in a
@@ -54,7 +63,7 @@ class MaskedAutoregressive(Bijection):
         self,
         dim: int,
         *,
-        transformer: str = "affine",
+        transformer: str | Transformer = "affine",
         hidden: Sequence[int] = (64, 64),
         context_dim: int | None = None,
         order: Sequence[int] | None = None,
@@ -65,46 +74,24 @@ class MaskedAutoregressive(Bijection):
     ):
         if int(dim) < 1:
             raise ValueError(f"MaskedAutoregressive: dim must be ≥ 1, received {dim}")
-        if transformer not in TRANSFORMERS:
-            raise ValueError(
-                f"MaskedAutoregressive: transformer must be one of {TRANSFORMERS}, "
-                f"received {transformer!r}"
-            )
-        if transformer == "spline":
-            if int(bins) < 2:
-                raise ValueError(f"MaskedAutoregressive: bins must be ≥ 2, received {bins}")
-            if not float(bound) > 0:
-                raise ValueError(f"MaskedAutoregressive: bound must be > 0, received {bound}")
+        transformer = get_transformer(transformer, "MaskedAutoregressive", bins=bins, bound=bound)
         dim = int(dim)
         self.event_shape = (dim,)
         self.context_dim = None if context_dim is None else int(context_dim)
-        self.transformer = transformer
-        self.bins, self.bound = int(bins), float(bound)
-        num_params = 2 if transformer == "affine" else num_spline_params(self.bins)
         self.made = MADE(
             dim,
-            num_params,
+            transformer.num_params,
             hidden=hidden,
             context_dim=self.context_dim,
             order=order,
             activation=activation,
             rngs=rngs,
         )
-        if transformer == "affine":
-            self.c = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self._set_transformer(transformer, dim)
 
     def _elementwise(self, v: Array, theta: Array, inverse: bool) -> tuple[Array, Array]:
         """``τ(v; θ)`` or ``τ⁻¹(v; θ)`` and its per-coordinate log-derivative."""
-        if self.transformer == "affine":
-            ec = jnp.exp(self.c[...])
-            mu, alpha = theta[..., 0], ec * jnp.tanh(theta[..., 1] / ec)
-            if inverse:
-                return v * jnp.exp(alpha) + mu, alpha
-            return (v - mu) * jnp.exp(-alpha), -alpha
-        k = self.bins
-        w, h, d = theta[..., :k], theta[..., k : 2 * k], theta[..., 2 * k :]
-        spline = rq_spline_inverse if inverse else rq_spline_forward
-        return spline(v, w, h, d, bound=self.bound)
+        return self._transform(v, split_params(theta, self.transformer.sizes), inverse)
 
     def _forward(self, x, context):
         z, log_det = self._elementwise(x, self.made(x, context), inverse=False)

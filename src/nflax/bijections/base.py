@@ -14,14 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nflax.variables import Buffer, in_training_mode, needs_data_init
+
 Array = jax.Array
-
-
-class Buffer(nnx.Variable):
-    """A non-trainable array that belongs to a layer (masks, permutations).
-
-    It travels with the module (stacking, checkpoints) but the optimizer never sees it.
-    """
 
 
 class Bijection(nnx.Module):
@@ -267,10 +262,7 @@ class Stack(Bijection):
     def _may_change_state(self) -> bool:
         """Only layers in training mode or awaiting data-dependent init write state back (so a
         Stack in evaluation mode can be called under jax.jit/jacobian from outside)."""
-        return any(
-            getattr(m, "use_running_average", True) is False or getattr(m, "needs_data_init", False)
-            for _, m in nnx.iter_graph(self.layer)
-        )
+        return in_training_mode(self.layer) or needs_data_init(self.layer)
 
     def _forward(self, x, context):
         y, (ld, _) = self._scan(x, context, inverse=False)

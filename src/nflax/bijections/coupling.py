@@ -1,9 +1,12 @@
 """Coupling layers: one part of the input, picked by a binary mask, conditions the rest.
 
 Every layer here takes any 0/1 ``mask`` ``m`` (1 = passed through unchanged and fed to the
-conditioner, 0 = transformed) and a ``conditioner`` network whose input is ``m ⊙ x``, or
-``concat(m ⊙ x, context)`` when ``context_dim`` is set. Mask helpers: :func:`alternating_mask`,
-:func:`half_mask`, :func:`random_mask`.
+conditioner, 0 = transformed; at least one 0) and a ``conditioner`` network whose input is
+``m ⊙ x``, or ``concat(m ⊙ x, context)`` when ``context_dim`` is set. :class:`Coupling` takes
+any elementwise :class:`~nflax.bijections.transformers.Transformer`; :class:`AffineCoupling`,
+:class:`AdditiveCoupling` and :class:`SplineCoupling` are it with the affine, additive and
+spline transformers. Mask helpers: :func:`alternating_mask`, :func:`half_mask`,
+:func:`random_mask`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nflax.bijections.base import Array, Bijection, Buffer, sum_event
-from nflax.bijections.splines import num_spline_params, rq_spline_forward, rq_spline_inverse
+from nflax.bijections.base import Array, sum_event
+from nflax.bijections.transformers import (
+    AdditiveTransformer,
+    AffineTransformer,
+    SplineTransformer,
+    Transformer,
+    TransformerLayer,
+    get_transformer,
+    split_params,
+)
+from nflax.variables import Buffer
 
 
 def alternating_mask(dim: int, parity: int = 0) -> np.ndarray:
@@ -54,43 +66,96 @@ def random_mask(dim: int, key: jax.Array) -> np.ndarray:
     return mask
 
 
-class _MaskedCoupling(Bijection):
-    """Shared plumbing: mask validation, conditioner input, conditioner output check."""
+def _checked_mask(name: str, mask) -> np.ndarray:
+    mask = np.asarray(mask, np.float32)
+    if mask.ndim != 1 or mask.size == 0 or not np.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"{name}: mask must be a non-empty 1D array of 0/1, received {mask}")
+    if np.all(mask == 1):
+        raise ValueError(
+            f"{name}: mask {mask.tolist()} is all ones, so no coordinate would be transformed "
+            "(an identity layer); the mask needs at least one 0"
+        )
+    return mask
+
+
+class Coupling(TransformerLayer):
+    r"""A coupling layer with any elementwise transformer ``τ`` (flowjax's ``Coupling``).
+
+    With a binary ``mask`` ``m`` (1 = passed through and conditioning, at least one 0), the
+    conditioner predicts ``θ = net(m ⊙ x [, context])``, ``dim · P`` numbers read as
+    ``(dim, P)`` (``P = transformer.num_params``, the parameters of each coordinate in turn);
+    the rows of the conditioning coordinates are ignored.
+
+    forward (data → latent):   ``z_i = x_i`` if ``m_i = 1`` else ``τ(x_i; θ_i)``,
+                               ``log|det J| = Σ_{i: m_i=0} log τ'(x_i; θ_i)``
+    inverse (latent → data):   ``x_i = z_i`` if ``m_i = 1`` else ``τ⁻¹(z_i; θ_i)``,
+                               ``log|det J⁻¹| = −Σ_{i: m_i=0} log τ'(x_i; θ_i)``
+
+    ``θ`` depends only on ``m ⊙ x = m ⊙ z``, so the inverse is exact. ``transformer``: a
+    :class:`~nflax.bijections.transformers.Transformer` or its name (``"affine"``,
+    ``"additive"``, ``"spline"``).
+
+    >>> from flax import nnx
+    >>> from nflax.bijections.transformers import SplineTransformer
+    >>> from nflax.nets import MLP
+    >>> spline = SplineTransformer(bins=4)
+    >>> net = MLP(2, 2 * spline.num_params, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> layer = Coupling([1.0, 0.0], net, spline)
+    >>> layer.forward(jnp.array([[0.5, -1.0]]))[0].tolist()  # a fresh layer is the identity
+    [[0.5, -1.0]]
+    """
 
     def __init__(
         self,
         mask: Sequence[float] | np.ndarray,
         conditioner: nnx.Module,
+        transformer: str | Transformer,
         *,
         context_dim: int | None = None,
     ):
         name = type(self).__name__
-        mask = np.asarray(mask, np.float32)
-        if mask.ndim != 1 or mask.size == 0 or not np.all((mask == 0) | (mask == 1)):
-            raise ValueError(f"{name}: mask must be a non-empty 1D array of 0/1, received {mask}")
+        mask = _checked_mask(name, mask)
         if context_dim is not None and int(context_dim) < 1:
             raise ValueError(f"{name}: context_dim must be ≥ 1 or None, received {context_dim}")
         self.event_shape = (mask.shape[0],)
         self.context_dim = None if context_dim is None else int(context_dim)
         self.mask = Buffer(jnp.asarray(mask))
         self.conditioner = conditioner
+        self._set_transformer(get_transformer(transformer, name), mask.shape[0])
 
-    def _condition(self, x: Array, context: Array | None, per_dim: int, what: str) -> Array:
-        """Conditioner output for ``m ⊙ x`` (and the context), checked to be ``dim·per_dim``."""
+    def _condition(self, x: Array, context: Array | None) -> Array:
+        """Conditioner output for ``m ⊙ x`` (and the context), checked to be ``dim·P``."""
         h = x * self.mask[...]
         if context is not None and self.context_dim is not None:
             h = jnp.concatenate([h, context.astype(h.dtype)], axis=-1)
         out = self.conditioner(h)
-        dim = self.event_shape[0]
+        dim, per_dim = self.event_shape[0], self.transformer.num_params
         if out.shape[-1] != per_dim * dim:
+            what = "dim" if per_dim == 1 else f"dim*{per_dim} = {dim}*{per_dim}"
             raise ValueError(
                 f"{type(self).__name__}: conditioner must output {what} = {per_dim * dim} "
                 f"features, received {out.shape[-1]}"
             )
         return out
 
+    def _params(self, out: Array) -> tuple:
+        """The transformer's parameter parts from the conditioner output ``(*batch, dim·P)``."""
+        theta = out.reshape(*out.shape[:-1], self.event_shape[0], self.transformer.num_params)
+        return split_params(theta, self.transformer.sizes, type(self).__name__)
 
-class AffineCoupling(_MaskedCoupling):
+    def _apply(self, v: Array, context: Array | None, inverse: bool) -> tuple[Array, Array]:
+        m = self.mask[...]
+        y, ld = self._transform(v, self._params(self._condition(v, context)), inverse)
+        return m * v + (1 - m) * y, sum_event((1 - m) * ld, 1)
+
+    def _forward(self, x, context):
+        return self._apply(x, context, inverse=False)
+
+    def _inverse(self, z, context):
+        return self._apply(z, context, inverse=True)
+
+
+class AffineCoupling(Coupling):
     r"""RealNVP affine coupling layer (Dinh et al. 2017), as in the tutorial.
 
     With a binary ``mask`` ``m`` (1 = passed through and conditioning), the conditioner predicts
@@ -104,7 +169,9 @@ class AffineCoupling(_MaskedCoupling):
     ``s, t`` depend only on ``m ⊙ x = m ⊙ z``, so the inverse is exact.
 
     ``conditioner`` maps ``(*batch, dim [+ context_dim])`` to ``(*batch, 2·dim)`` (first half
-    ``s̃``, second half ``t``), e.g. :class:`nflax.nets.MLP`.
+    ``s̃``, second half ``t``), e.g. :class:`nflax.nets.MLP`. This is :class:`Coupling` with the
+    :class:`~nflax.bijections.transformers.AffineTransformer`, whose parameters are
+    ``(μ, α̃) = (−t, −s̃)`` (so ``α = −s``).
     """
 
     def __init__(
@@ -114,28 +181,15 @@ class AffineCoupling(_MaskedCoupling):
         *,
         context_dim: int | None = None,
     ):
-        super().__init__(mask, conditioner, context_dim=context_dim)
-        self.c = nnx.Param(jnp.zeros(self.event_shape, jnp.float32))
+        super().__init__(mask, conditioner, AffineTransformer(), context_dim=context_dim)
 
-    def _shift_log_scale(self, x, context):
-        m = self.mask[...]
-        out = self._condition(x, context, 2, "2*dim")
+    def _params(self, out):
         dim = self.event_shape[0]
         s, t = out[..., :dim], out[..., dim:]
-        ec = jnp.exp(self.c[...])
-        s = jnp.tanh(s / ec) * ec
-        return s * (1 - m), t * (1 - m)
-
-    def _forward(self, x, context):
-        s, t = self._shift_log_scale(x, context)
-        return (x + t) * jnp.exp(s), sum_event(s, 1)
-
-    def _inverse(self, z, context):
-        s, t = self._shift_log_scale(z, context)
-        return z * jnp.exp(-s) - t, -sum_event(s, 1)
+        return -t[..., None], -s[..., None]
 
 
-class AdditiveCoupling(_MaskedCoupling):
+class AdditiveCoupling(Coupling):
     r"""NICE additive coupling layer (Dinh et al. 2015): volume preserving.
 
     The conditioner predicts a shift ``t = (1 − m) ⊙ net(m ⊙ x [, context])``.
@@ -143,20 +197,25 @@ class AdditiveCoupling(_MaskedCoupling):
     forward (data → latent):   ``z = x + t(m ⊙ x)``,    ``log|det J| = 0``
     inverse (latent → data):   ``x = z − t(m ⊙ z)``,    ``log|det J⁻¹| = 0``
 
-    ``conditioner`` maps ``(*batch, dim [+ context_dim])`` to ``(*batch, dim)``.
+    ``conditioner`` maps ``(*batch, dim [+ context_dim])`` to ``(*batch, dim)``. This is
+    :class:`Coupling` with the :class:`~nflax.bijections.transformers.AdditiveTransformer`,
+    ``μ = −t``.
     """
 
-    def _shift(self, x, context):
-        return self._condition(x, context, 1, "dim") * (1 - self.mask[...])
+    def __init__(
+        self,
+        mask: Sequence[float] | np.ndarray,
+        conditioner: nnx.Module,
+        *,
+        context_dim: int | None = None,
+    ):
+        super().__init__(mask, conditioner, AdditiveTransformer(), context_dim=context_dim)
 
-    def _forward(self, x, context):
-        return x + self._shift(x, context), jnp.zeros(x.shape[:-1], x.dtype)
-
-    def _inverse(self, z, context):
-        return z - self._shift(z, context), jnp.zeros(z.shape[:-1], z.dtype)
+    def _params(self, out):
+        return (-out[..., None],)
 
 
-class SplineCoupling(_MaskedCoupling):
+class SplineCoupling(Coupling):
     r"""Rational-quadratic spline coupling layer (Durkan et al. 2019, "Neural Spline Flows").
 
     The conditioner output ``net(m ⊙ x [, context])`` of size ``dim · (3K − 1)`` is read as
@@ -171,7 +230,8 @@ class SplineCoupling(_MaskedCoupling):
                                ``log|det J⁻¹| = −Σ_{i: m_i=0} log g_i'(x_i)``
 
     With a zero-initialised conditioner (e.g. :class:`nflax.nets.MLP`'s default) every spline
-    starts as the identity.
+    starts as the identity. This is :class:`Coupling` with the
+    :class:`~nflax.bijections.transformers.SplineTransformer`.
     """
 
     def __init__(
@@ -183,28 +243,5 @@ class SplineCoupling(_MaskedCoupling):
         bound: float = 3.0,
         context_dim: int | None = None,
     ):
-        super().__init__(mask, conditioner, context_dim=context_dim)
-        if int(bins) < 2:
-            raise ValueError(f"SplineCoupling: bins must be ≥ 2, received {bins}")
-        if not float(bound) > 0:
-            raise ValueError(f"SplineCoupling: bound must be > 0, received {bound}")
-        self.bins = int(bins)
-        self.bound = float(bound)
-
-    def _spline_params(self, x, context):
-        p = num_spline_params(self.bins)
-        out = self._condition(x, context, p, f"dim*(3*bins-1) = {self.event_shape[0]}*{p}")
-        out = out.reshape(*out.shape[:-1], self.event_shape[0], p)
-        k = self.bins
-        return out[..., :k], out[..., k : 2 * k], out[..., 2 * k :]
-
-    def _apply(self, v, context, spline):
-        m = self.mask[...]
-        y, ld = spline(v, *self._spline_params(v, context), bound=self.bound)
-        return m * v + (1 - m) * y, sum_event((1 - m) * ld, 1)
-
-    def _forward(self, x, context):
-        return self._apply(x, context, rq_spline_forward)
-
-    def _inverse(self, z, context):
-        return self._apply(z, context, rq_spline_inverse)
+        spline = SplineTransformer(bins, bound, who="SplineCoupling")
+        super().__init__(mask, conditioner, spline, context_dim=context_dim)

@@ -18,16 +18,9 @@ import numpy as np
 from flax import errors, nnx
 
 from nflax.bijections.base import Bijection
+from nflax.variables import DataInit
 
 Array = jax.Array
-
-
-class DataInit(nnx.Variable):
-    """State written once by a data-dependent initialisation (never trained, always saved).
-
-    Not a :class:`~nflax.bijections.Buffer`: it changes during a call, so :class:`Stack` and
-    the training loop carry it out of compiled code like batch statistics.
-    """
 
 
 def _event_shape(name: str, event_shape: int | Sequence[int]) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 r"""Monotonic rational-quadratic splines (Durkan et al. 2019, "Neural Spline Flows").
 
-Pure functions, no modules: the layers in :mod:`~nflax.bijections.coupling` and
-:mod:`~nflax.bijections.autoregressive` predict the unnormalised parameters and call these.
+Pure functions, no modules: :class:`~nflax.bijections.transformers.SplineTransformer` calls
+these with the unnormalised parameters that a coupling or autoregressive layer predicts.
 
 The spline maps ``[-B, B]`` onto itself with ``K`` bins and is the identity outside (linear
 tails); the derivative at ``±B`` is fixed to 1, so the map is C¹ across the boundary. Inside
@@ -46,18 +46,6 @@ MIN_DERIVATIVE = 1e-3
 def num_spline_params(bins: int) -> int:
     """Unnormalised parameters per scalar for a ``bins``-bin spline: ``3·bins − 1``."""
     return 3 * int(bins) - 1
-
-
-def split_spline_params(params: Array, bins: int) -> tuple[Array, Array, Array]:
-    """Split ``(..., 3K − 1)`` into widths ``(..., K)``, heights ``(..., K)``, derivatives
-    ``(..., K − 1)`` (in that order)."""
-    k = int(bins)
-    if params.shape[-1] != num_spline_params(k):
-        raise ValueError(
-            f"split_spline_params: expected {num_spline_params(k)} parameters per scalar for "
-            f"{k} bins, received {params.shape[-1]}"
-        )
-    return params[..., :k], params[..., k : 2 * k], params[..., 2 * k :]
 
 
 # Softplus offset so that an unnormalised derivative of 0 gives a knot derivative of exactly 1.
