@@ -4,9 +4,20 @@ Direction convention: ``forward`` maps data → latent (normalizing), ``inverse`
 latent → data (sampling); ``log p(x) = log p_base(f(x)) + log|det ∂f/∂x|``.
 """
 
-from nflax import bijections, checkpoint, datasets, distributions, flows, nets, plotting, vi
+from nflax import (
+    bijections,
+    checkpoint,
+    datasets,
+    distributions,
+    flows,
+    metrics,
+    nets,
+    plotting,
+    vi,
+)
 from nflax.checkpoint import load, save
 from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
+from nflax.metrics import evaluate
 from nflax.training import History, fit, nll
 from nflax.vi import VIHistory, fit_vi
 
@@ -19,11 +30,13 @@ __all__ = [
     "checkpoint",
     "datasets",
     "distributions",
+    "evaluate",
     "fit",
     "fit_vi",
     "load",
     "save",
     "flows",
+    "metrics",
     "nets",
     "nll",
     "plotting",
