@@ -1,6 +1,7 @@
 """Each `nflax` flag checked by what it changes: small runs (a few seconds each), compared in
 pairs that differ in that flag only, and the error paths of flags that do not go together."""
 
+import argparse
 import csv
 import json
 
@@ -11,7 +12,7 @@ from flax import nnx
 
 import nflax
 from nflax.checkpoint import TrainingCheckpoints
-from nflax.cli import TRAIN_ACTIVATION, main
+from nflax.cli import TRAIN_ACTIVATION, build_parser, main
 from nflax.vi import default_vi_schedule
 
 TRAIN = [
@@ -124,7 +125,9 @@ def test_dataset_leaky_relu_no_actnorm_batch_size(runs):
         record = ck.record()
     finally:
         ck.close()
-    assert record["fingerprint"]["batch_size"] == 32 and len(record["loss"]) == 30
+    assert (
+        record["fingerprint"]["batch_size"] == 32 and len(record["outputs"][0]) == 30
+    )  # the loss series
 
 
 def test_patience_and_val_fraction(tmp_path, capsys):
@@ -218,6 +221,27 @@ def test_vi_dim(tmp_path, capsys):
     assert json.loads(nflax.load(out / "flow").spec)["kwargs"]["activation"] == "elu"
     assert nflax.load(out / "flow").sample(jax.random.key(0), 4).shape == (4, 3)
     assert np.isfinite(_metrics(out)["covariance_rel_error"])  # a Gaussian target: moments
+
+
+SHARED = ["--flow", "--layers", "--hidden", "--leaky-relu", "--activation", "--steps", "--lr"]
+SHARED += ["--seed", "--out", "--no-plots", "--quiet"]
+
+
+def test_train_and_vi_share_one_declaration_of_their_common_flags():
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    train, vi = (
+        {s: a for a in sub.choices[command]._actions for s in a.option_strings}
+        for command in ("train", "vi")
+    )
+    assert set(train) & set(vi) == {"-h", "--help", *SHARED}
+    for flag in SHARED:  # one declaration (a parent parser): they differ in defaults only
+        t, v = train[flag], vi[flag]
+        assert (t.type, t.nargs, t.choices, t.const) == (v.type, v.nargs, v.choices, v.const)
+    t, v = parser.parse_args(["train"]), parser.parse_args(["vi", "--layers", "3"])
+    assert (t.layers, t.hidden, t.steps, t.lr, t.activation) == (8, [64, 64], 4000, 2e-3, None)
+    assert (v.layers, v.hidden, v.steps, v.lr, v.activation) == (3, [32], 5000, 1e-2, None)
+    assert parser.parse_args(["vi"]).layers == 6 and parser.parse_args(["train"]).layers == 8
 
 
 @pytest.mark.parametrize(

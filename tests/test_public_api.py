@@ -1,12 +1,13 @@
 # ruff: noqa: E501  (the tables below: one name, one line)
 """Every public name and every command-line flag has a test that asserts a value.
 
-``PUBLIC`` and ``FLAGS`` map each name (``nflax.__all__``, ``nflax.bijections.__all__``, and
-every function and class defined in a public module: those of ``nflax.__all__`` and
-``nflax.parallel``) and each flag of ``nflax.cli.build_parser()`` to the tests that check
-it. The table is checked both ways: a new name or flag without an entry fails here, and so
-does an entry whose test is gone or does not mention what it claims to cover (its source, the
-helpers and fixtures of its file it uses, and its file's constants are searched).
+``PUBLIC`` and ``FLAGS`` map each name (``nflax.__all__``, the ``__all__`` of the packages
+``nflax.bijections`` and ``nflax.runs``, and every function and class defined in a public
+module: those of ``nflax.__all__``, ``nflax.parallel`` and ``nflax.training``) and each flag
+of ``nflax.cli.build_parser()`` to the tests that check it. The table is checked both ways: a
+new name or flag without an entry fails here, and so does an entry whose test is gone or does
+not mention what it claims to cover (its source, the helpers and fixtures of its file it uses,
+and its file's constants are searched).
 """
 
 import argparse
@@ -25,6 +26,7 @@ from nflax.cli import build_parser
 
 TESTS = Path(__file__).resolve().parent
 EXTRA_MODULES = ["parallel", "training"]  # public, though not re-exported in nflax.__all__
+PACKAGES = ["bijections", "runs"]  # public through their __all__
 
 PUBLIC = {
     # nflax
@@ -33,6 +35,7 @@ PUBLIC = {
     "nflax.History": ["test_plotting.py::test_plot_history_lines"],
     "nflax.StandardNormal": ["test_distributions.py::test_standard_normal_log_prob_is_exact"],
     "nflax.VIHistory": ["test_plotting.py::test_plot_elbo_lines"],
+    "nflax.evaluate": ["test_metrics.py::test_evaluate_a_standard_normal_flow_is_exact"],
     "nflax.fit": ["test_training.py::test_fit_learns_and_reports", "test_training.py::test_ragged_last_batch_is_masked_and_nothing_recompiles"],
     "nflax.fit_vi": ["test_vi.py::test_correlated_gaussian_mean_and_covariance_are_recovered"],
     "nflax.load": ["test_checkpoint.py::test_save_load_round_trip_is_bit_exact"],
@@ -109,6 +112,8 @@ PUBLIC = {
     "nflax.flows.planar": ["test_catalogue.py::test_planar_flow_samples_and_densities_agree"],
     "nflax.flows.realnvp": ["test_bijections.py::test_trajectory_matches_layers", "test_catalogue.py::test_spec_records_every_argument_and_rebuilds_an_equal_flow"],
     "nflax.flows.register": ["test_checkpoint.py::test_register_makes_a_constructor_buildable_and_loadable"],
+    # nflax.metrics
+    "nflax.metrics.evaluate": ["test_metrics.py::test_evaluate_with_the_exact_density_as_an_array_or_a_function", "test_metrics.py::test_evaluate_passes_the_context_to_the_flow_and_to_the_exact_density", "test_runs.py::test_run_train_returns_its_metrics_and_evaluate_reproduces_them"],
     # nflax.nets
     "nflax.nets.MADE": ["test_made.py::test_made_is_autoregressive_in_degree_order"],
     "nflax.nets.MLP": ["test_conditional.py::test_embedding_network_is_trained"],
@@ -137,12 +142,26 @@ PUBLIC = {
     "nflax.plotting.plot_pairs": ["test_plotting.py::test_plot_pairs_histograms_and_scatters"],
     "nflax.plotting.plot_samples": ["test_plotting.py::test_plot_samples_draws_the_flows_samples"],
     "nflax.plotting.plot_trajectory": ["test_plotting.py::test_plot_trajectory_panels_are_the_layers"],
+    # nflax.runs
+    "nflax.runs.DataSpec": ["test_runs.py::test_describe_data_gives_the_config_entries_of_each_source"],
+    "nflax.runs.RunData": ["test_runs.py::test_load_run_data_standardises_a_file_and_holds_out_a_tenth"],
+    "nflax.runs.RunError": ["test_runs.py::test_read_train_config_errors", "test_runs.py::test_process_block_splits_the_rows_evenly"],
+    "nflax.runs.RunFolderError": ["test_user_paths.py::test_refused_claims_leave_the_folder_as_it_was", "test_runs.py::test_run_train_returns_its_metrics_and_evaluate_reproduces_them"],
+    "nflax.runs.claim_run_folder": ["test_user_paths.py::test_refused_claims_leave_the_folder_as_it_was"],
+    "nflax.runs.describe_data": ["test_runs.py::test_describe_data_gives_the_config_entries_of_each_source"],
+    "nflax.runs.load_run_data": ["test_runs.py::test_load_run_data_standardises_a_file_and_holds_out_a_tenth", "test_runs.py::test_load_run_data_draws_a_built_in_or_conditional_set"],
+    "nflax.runs.process_block": ["test_runs.py::test_process_block_splits_the_rows_evenly"],
+    "nflax.runs.read_train_config": ["test_runs.py::test_read_train_config_errors", "test_runs.py::test_run_train_returns_its_metrics_and_evaluate_reproduces_them"],
+    "nflax.runs.resume_train": ["test_runs.py::test_resume_train_of_a_finished_run_gives_the_same_metrics"],
+    "nflax.runs.run_sample": ["test_runs.py::test_run_sample_writes_what_it_returns"],
+    "nflax.runs.run_train": ["test_runs.py::test_run_train_returns_its_metrics_and_evaluate_reproduces_them"],
+    "nflax.runs.run_vi": ["test_runs.py::test_run_vi_on_a_target_returns_what_it_writes"],
+    "nflax.runs.vi_target": ["test_runs.py::test_run_vi_on_a_target_returns_what_it_writes"],
     # nflax.variables
     "nflax.variables.Buffer": ["test_variables.py::test_variables_is_a_leaf_and_the_old_paths_still_work", "test_variables.py::test_frozen_selects_buffers_and_data_init_only"],
     "nflax.variables.DataInit": ["test_variables.py::test_frozen_selects_buffers_and_data_init_only", "test_variables.py::test_data_init_flag"],
     "nflax.variables.in_training_mode": ["test_variables.py::test_training_mode_flag"],
     "nflax.variables.needs_data_init": ["test_variables.py::test_data_init_flag"],
-    # nflax.vi
     # nflax.training
     "nflax.training.History": ["test_plotting.py::test_plot_history_lines"],
     "nflax.training.batch_indices": ["test_training.py::test_minibatch_epochs_visit_every_point_once"],
@@ -153,6 +172,7 @@ PUBLIC = {
     "nflax.training.kernel_mask": ["test_training_recipe.py::test_weight_decay_shrinks_the_kernels_only"],
     "nflax.training.nll": ["test_training.py::test_nll_in_batches_smaller_than_the_data"],
     "nflax.training.warmup_cosine": ["test_training_recipe.py::test_warmup_cosine_is_nflax_trains_schedule"],
+    # nflax.vi
     "nflax.vi.VIHistory": ["test_plotting.py::test_plot_elbo_lines"],
     "nflax.vi.default_vi_optimizer": ["test_vi.py::test_default_vi_optimizer_is_adam_on_the_default_schedule"],
     "nflax.vi.default_vi_schedule": ["test_vi_defaults.py::test_default_schedule_warms_up_then_decays_to_zero"],
@@ -218,8 +238,11 @@ def public_names() -> set[str]:
     names = {f"nflax.{n}" for n in nflax.__all__}
     modules = {n for n in nflax.__all__ if isinstance(getattr(nflax, n), types.ModuleType)}
     names -= {f"nflax.{m}" for m in modules}  # a module stands for its names, below
-    names |= {f"nflax.bijections.{n}" for n in nflax.bijections.__all__}
-    for m in sorted(modules - {"bijections"}) + EXTRA_MODULES:
+    for package in PACKAGES:
+        names |= {
+            f"nflax.{package}.{n}" for n in importlib.import_module(f"nflax.{package}").__all__
+        }
+    for m in sorted(modules - set(PACKAGES)) + EXTRA_MODULES:
         mod = importlib.import_module(f"nflax.{m}")
         for n, obj in vars(mod).items():
             defined_here = getattr(obj, "__module__", None) == mod.__name__

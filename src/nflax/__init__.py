@@ -10,6 +10,7 @@ from nflax import (
     datasets,
     distributions,
     flows,
+    metrics,
     nets,
     plotting,
     variables,
@@ -17,6 +18,7 @@ from nflax import (
 )
 from nflax.checkpoint import load, save
 from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
+from nflax.metrics import evaluate
 from nflax.training import History, fit, nll
 from nflax.vi import VIHistory, fit_vi
 
@@ -29,11 +31,13 @@ __all__ = [
     "checkpoint",
     "datasets",
     "distributions",
+    "evaluate",
     "fit",
     "fit_vi",
     "load",
     "save",
     "flows",
+    "metrics",
     "nets",
     "nll",
     "plotting",

@@ -1,4 +1,4 @@
-"""Run folders: one nflax process at a time.
+"""Run folders: one nflax process at a time, and the JSON files in them.
 
 A fresh run creates its folder atomically (``os.mkdir``; an existing empty folder may be
 used), and every run, fresh or resumed, holds an exclusive ``fcntl.flock`` on the lock file
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,13 @@ from pathlib import Path
 LOCK_NAME = ".nflax.lock"
 
 
-class RunFolderError(ValueError):
+class RunError(ValueError):
+    """A run that cannot go ahead because of its input (an unknown data set, a data file
+    that cannot be used, a folder that is not a run): ``nflax`` reports the message as one
+    line and exits with status 2."""
+
+
+class RunFolderError(RunError):
     """A run folder that cannot be used now: not empty, not a folder, or in use."""
 
 
@@ -86,3 +93,32 @@ def _contents(run: Path) -> list[str]:
 
 def _not_empty(run: Path) -> str:
     return f"run folder {run} already exists and is not empty (use --resume {run})"
+
+
+@contextlib.contextmanager
+def hold_run_folder(path: str | os.PathLike, *, fresh: bool) -> Iterator[Path]:
+    """:func:`claim_run_folder` on process 0 of a multi-process run; the other processes
+    share the folder that process 0 holds, and claim nothing."""
+    from nflax import parallel
+
+    if not parallel.is_primary():
+        yield Path(path)
+        return
+    with claim_run_folder(path, fresh=fresh) as run:
+        yield run
+
+
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (a temporary file, renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_config(run: Path) -> dict:
+    """A run folder's ``config.json``, or ``{}`` when it is missing or unreadable."""
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
