@@ -115,98 +115,180 @@ def baseline_setup(args, data: np.ndarray, batch: int):
     return model, state, train_step
 
 
+class BaselineLoop:
+    """The tutorial's loop, resumable: ``run(k)`` runs ``k`` more steps (loader position,
+    patience counters and state carry over), reading the loss every step."""
+
+    def __init__(self, args, data: np.ndarray, batch: int, patience: int):
+        self.model, self.state, train_step = baseline_setup(args, data, batch)
+        self.data, self.batch, self.n = data, batch, data.shape[0]
+        self.full = batch >= self.n
+        self.step_fn = jax.jit(train_step)
+        self.data_dev = jnp.asarray(data)  # full batch: device-resident, no per-step copy
+        # Warm-up call (compiles ``step_fn``); its result is discarded, the budget is unchanged.
+        x0 = self.data_dev if self.full else data[:batch]
+        jax.block_until_ready(self.step_fn(self.state, x0))
+        self.rng = np.random.default_rng(args.seed)
+        self.patience, self.best, self.bad = patience, np.inf, 0
+        self.perm, self.pos = None, self.n
+
+    def run(self, steps: int) -> None:
+        state, batch, n = self.state, self.batch, self.n
+        for _ in range(steps):
+            if self.full:
+                xb = self.data_dev
+            else:  # the usual host-side loader: shuffle per epoch, slice per step (drop last)
+                if self.pos + batch > n:
+                    self.perm, self.pos = self.rng.permutation(n), 0
+                xb = self.data[self.perm[self.pos : self.pos + batch]]
+                self.pos += batch
+            state, loss = self.step_fn(state, xb)
+            loss = float(loss)  # the tutorial reads the loss every step for its patience check
+            if loss < self.best:
+                self.best, self.bad = loss, 0
+            else:
+                self.bad += 1
+                if self.bad > self.patience:
+                    break
+        jax.block_until_ready(state)
+        self.state = state
+
+    def nll(self) -> float:
+        model = self.model
+        nll_fn = jax.jit(lambda p, x: -jnp.mean(model.apply({"params": p}, x)))
+        return float(nll_fn(self.state.params, self.data_dev))
+
+
 def run_baseline(args, data: np.ndarray, batch: int, steps: int) -> dict:
-    model, state, train_step = baseline_setup(args, data, batch)
-    n = data.shape[0]
-    full = batch >= n
-    x0 = jnp.asarray(data[:batch])
-
-    # Compile time, AOT, on a fresh jit object (the loop below uses its own ``jax.jit``).
+    _, state, train_step = baseline_setup(args, data, batch)
+    # Compile time, AOT, on a fresh jit object (the loop uses its own ``jax.jit``).
     t0 = time.perf_counter()
-    compiled = jax.jit(train_step).lower(state, x0).compile()
+    compiled = jax.jit(train_step).lower(state, jnp.asarray(data[:batch])).compile()
     compile_s = time.perf_counter() - t0
-    flops = _flops(compiled)
-
-    step_fn = jax.jit(train_step)
-    data_dev = jnp.asarray(data)  # full batch: device-resident, no per-step copy (favours it)
-    # Warm-up call (compiles ``step_fn``); its result is discarded, the budget is unchanged.
-    jax.block_until_ready(step_fn(state, data_dev if full else data[:batch]))
-
-    rng = np.random.default_rng(args.seed)
-    patience, best, bad = steps, np.inf, 0
-    perm, pos = None, n
+    loop = BaselineLoop(args, data, batch, patience=steps)
     t0 = time.perf_counter()
-    marks = [t0]  # the time after every ``args.window`` steps (the loop syncs every step)
-    for i in range(steps):
-        if full:
-            xb = data_dev
-        else:  # the usual host-side loader: shuffle per epoch, slice per step (drop last)
-            if pos + batch > n:
-                perm, pos = rng.permutation(n), 0
-            xb = data[perm[pos : pos + batch]]
-            pos += batch
-        state, loss = step_fn(state, xb)
-        loss = float(loss)  # the tutorial reads the loss every step for its patience check
-        if loss < best:
-            best, bad = loss, 0
-        else:
-            bad += 1
-            if bad > patience:
-                break
-        if (i + 1) % args.window == 0:
-            marks.append(time.perf_counter())
-    jax.block_until_ready(state)
+    marks = [t0]  # the time after every ``args.window`` steps
+    for done in range(0, steps, args.window):
+        loop.run(min(args.window, steps - done))
+        marks.append(time.perf_counter())
     seconds = time.perf_counter() - t0
-    nll_fn = jax.jit(lambda p, x: -jnp.mean(model.apply({"params": p}, x)))
+    whole = np.diff(marks)[: steps // args.window]
     return dict(
         steps_per_s=steps / seconds,
-        window_per_s=args.window / np.diff(marks).min() if len(marks) > 1 else steps / seconds,
+        window_per_s=args.window / whole.min() if whole.size else steps / seconds,
         compile_s=compile_s,
-        nll=float(nll_fn(state.params, data_dev)),
-        flops=flops,
+        nll=loop.nll(),
+        flops=_flops(compiled),
     )
 
 
-def run_baseline_scanned(args, data: np.ndarray, batch: int, steps: int) -> dict:
+class LimitLoop:
     """The baseline's own Linen train step, many steps per ``lax.scan`` call, batches gathered
     on the device: its compute without the Python loop (no one trains like this; it bounds
-    what removing the loop alone can gain). About ``args.window`` steps per call, as
-    ``fit``'s chunks."""
-    model, state, train_step = baseline_setup(args, data, batch)
-    n = data.shape[0]
-    nb = max(n // batch, 1)  # batches per epoch (drop last, like the loop)
-    chunk = nb * max(1, min(args.window, steps) // nb)
-    data_dev = jnp.asarray(data)
+    what removing the loop alone can gain). About ``args.window`` steps per call (``chunk``),
+    as ``fit``'s chunks; ``run()`` runs one call and waits for it, as fit's driver does."""
 
-    def run_chunk(state, key):
-        perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, chunk // nb))
-        idx = perms[:, : nb * batch].reshape(chunk, batch)
+    def __init__(self, args, data: np.ndarray, batch: int, steps: int):
+        self.model, state, train_step = baseline_setup(args, data, batch)
+        n = data.shape[0]
+        nb = max(n // batch, 1)  # batches per epoch (drop last, like the loop)
+        self.chunk = chunk = nb * max(1, min(args.window, steps) // nb)
+        self.data_dev = data_dev = jnp.asarray(data)
 
-        def body(state, i):
-            return train_step(state, data_dev[i] if batch < n else data_dev)
+        def run_chunk(state, key):
+            keys = jax.random.split(key, chunk // nb)
+            perms = jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
+            idx = perms[:, : nb * batch].reshape(chunk, batch)
 
-        return jax.lax.scan(body, state, idx)
+            def body(state, i):
+                return train_step(state, data_dev[i] if batch < n else data_dev)
 
-    key = jax.random.key(args.seed)
-    t0 = time.perf_counter()
-    compiled = jax.jit(run_chunk).lower(state, key).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(state, key))  # warm-up, discarded
-    n_chunks = -(-steps // chunk)
+            return jax.lax.scan(body, state, idx)
+
+        self.key = jax.random.key(args.seed)
+        t0 = time.perf_counter()
+        self.compiled = jax.jit(run_chunk).lower(state, self.key).compile()
+        self.compile_s = time.perf_counter() - t0
+        jax.block_until_ready(self.compiled(state, self.key))  # warm-up, discarded
+        self.state, self.calls = state, 0
+
+    def run(self) -> None:
+        self.state, _ = self.compiled(self.state, jax.random.fold_in(self.key, self.calls))
+        jax.block_until_ready(self.state)
+        self.calls += 1
+
+    def nll(self) -> float:
+        model = self.model
+        nll_fn = jax.jit(lambda p, x: -jnp.mean(model.apply({"params": p}, x)))
+        return float(nll_fn(self.state.params, self.data_dev))
+
+
+def run_baseline_scanned(args, data: np.ndarray, batch: int, steps: int) -> dict:
+    loop = LimitLoop(args, data, batch, steps)
+    n_chunks = -(-steps // loop.chunk)
     t0 = time.perf_counter()
     marks = [t0]
-    for c in range(n_chunks):  # one sync per call, as fit's driver
-        state, _ = compiled(state, jax.random.fold_in(key, c))
-        jax.block_until_ready(state)
+    for _ in range(n_chunks):
+        loop.run()
         marks.append(time.perf_counter())
     seconds = time.perf_counter() - t0
-    nll_fn = jax.jit(lambda p, x: -jnp.mean(model.apply({"params": p}, x)))
     return dict(
-        steps_per_s=n_chunks * chunk / seconds,
-        window_per_s=chunk / np.diff(marks).min(),
-        compile_s=compile_s,
-        nll=float(nll_fn(state.params, data_dev)),
-        steps=n_chunks * chunk,
+        steps_per_s=n_chunks * loop.chunk / seconds,
+        window_per_s=loop.chunk / np.diff(marks).min(),
+        compile_s=loop.compile_s,
+        nll=loop.nll(),
+        steps=n_chunks * loop.chunk,
+    )
+
+
+def lockstep(args, data: np.ndarray, batch: int, rounds: int) -> dict:
+    """The three sides advanced in turns, one window each per round, inside one ``fit`` run:
+    fit runs ``rounds + 2`` chunks of ``args.window`` steps, and its callback (between
+    chunks) runs one window of the baseline's loop and one call of the limit, timed. A fit
+    chunk's time runs from the end of one callback to the start of the next (the driver's
+    work between chunks included, the callback's own time not). Round ``k`` pairs fit's chunk
+    ``k + 1`` with the windows run just before it; the first and last chunks (no callback on
+    one side) are left out. The medians of the per-round ratios cancel load changes slower
+    than a round. fit and the baseline run
+    ``args.window`` steps per window (500: fit's default chunk size), the limit its chunk (a
+    whole number of epochs, 496 at batch 128 of 1024 points)."""
+    base = BaselineLoop(args, data, batch, patience=10**9)
+    limit = LimitLoop(args, data, batch, args.window)
+    w = args.window
+    flow = make_flow(args)
+    if args.same_init:
+        copy_linen_init(flow, base.state.params)
+    times = {"base": [], "scan": [], "ours": []}
+    exits: list[float] = []
+
+    def callback(step, metrics):
+        enter = time.perf_counter()
+        if exits:
+            times["ours"].append(enter - exits[-1])
+        t0 = time.perf_counter()
+        base.run(w)
+        t1 = time.perf_counter()
+        limit.run()
+        t2 = time.perf_counter()
+        times["base"].append(t1 - t0)
+        times["scan"].append(t2 - t1)
+        exits.append(time.perf_counter())
+
+    nflax.fit(
+        flow, data, key=jax.random.key(args.seed), steps=(rounds + 2) * w, chunk_size=w,
+        optimizer=optax.adam(args.lr), batch_size=batch, progress=False, callback=callback,
+    )  # fmt: skip
+    steps = {"base": w, "scan": limit.chunk, "ours": w}
+    rate = {k: steps[k] / np.asarray(v[: len(times["ours"])]) for k, v in times.items()}
+    ratio = lambda a, b: float(np.median(rate[a] / rate[b]))  # noqa: E731
+    return dict(
+        batch=batch,
+        rounds=len(rate["ours"]),
+        median={k: float(np.median(v)) for k, v in rate.items()},
+        best={k: float(np.max(v)) for k, v in rate.items()},
+        scan_x=ratio("scan", "base"),
+        ours_x=ratio("ours", "base"),
+        of_limit=ratio("ours", "scan"),
     )
 
 
@@ -287,25 +369,35 @@ def run_nflax(args, data: np.ndarray, batch: int, steps: int, unroll=None, **kw)
 
 
 def depth_sweep(args, data: np.ndarray) -> list[dict]:
-    """Compile seconds (``History.compile_seconds``: the training program, AOT) and steps/s
-    of ``fit`` against depth, layers scanned and unrolled (interleaved), and which one
-    ``Stack``'s default picks. Plus the baseline's Linen step (unrolled by construction)."""
+    """Compile time and steps/s of ``fit`` against depth, layers scanned and unrolled, and
+    which one ``Stack``'s default picks; plus the baseline's Linen step (unrolled by
+    construction). Per depth and mode: ``fit(steps=1)`` gives the compile's CPU seconds (the
+    process's CPU time over the call: steadier than wall time on a shared machine), and
+    ``fit(steps=--depth-steps)`` the steps/s; compile wall seconds
+    (``History.compile_seconds``: the training program, AOT) are the lesser of the two."""
     rows = []
     batch = min(args.depth_batch, args.num_points)
+
+    def fit(kind, n_layers, mode, steps):
+        flow = make_flow(args, n_layers, unroll=mode == "unroll", kind=kind)
+        c0 = time.process_time()
+        hist = nflax.fit(
+            flow, data, key=jax.random.key(0), steps=steps, optimizer=optax.adam(args.lr),
+            batch_size=batch, progress=False,
+        )  # fmt: skip
+        return hist, time.process_time() - c0
+
     for kind in args.depth_flows:
         for n_layers in args.depths:
             row = dict(kind=kind, layers=n_layers)
             for _ in range(args.depth_repeats):
                 for mode in ("scan", "unroll"):
-                    flow = make_flow(args, n_layers, unroll=mode == "unroll", kind=kind)
-                    hist = nflax.fit(
-                        flow, data, key=jax.random.key(0), steps=args.depth_steps,
-                        optimizer=optax.adam(args.lr), batch_size=batch, progress=False,
-                    )  # fmt: skip
-                    old = row.get(mode)
-                    new = (hist.compile_seconds, hist.steps_per_second)
+                    h1, cpu = fit(kind, n_layers, mode, 1)
+                    h2, _ = fit(kind, n_layers, mode, args.depth_steps)
+                    new = (min(h1.compile_seconds, h2.compile_seconds), h2.steps_per_second, cpu)
+                    old = row.get(mode, new)
                     # the least compile time and the most steps/s over the repeats
-                    row[mode] = new if old is None else (min(old[0], new[0]), max(old[1], new[1]))
+                    row[mode] = (min(old[0], new[0]), max(old[1], new[1]), min(old[2], new[2]))
             stack = make_flow(args, n_layers, kind=kind).bijection
             row["default"] = "unroll" if stack.unroll == n_layers else "scan"
             if kind == "realnvp":
@@ -405,7 +497,7 @@ def main(argv=None) -> None:
         help="start nflax from the baseline's initial weights (default on)",
     )
     p.add_argument(
-        "--repeats", type=int, default=3, help="interleaved runs per row; the fastest is kept"
+        "--repeats", type=int, default=2, help="interleaved runs per row; the fastest is kept"
     )
     p.add_argument(
         "--window",
@@ -413,6 +505,13 @@ def main(argv=None) -> None:
         default=500,
         help="steps per timing window: fit's chunk size (500 is its default), the limit's "
         "steps per call, and the baseline's timing marks",
+    )
+    p.add_argument(
+        "--lockstep-rounds",
+        type=int,
+        default=10,
+        help="rounds of the lockstep measurement (baseline, limit and fit in turns, one window "
+        "each; 0 skips it)",
     )
     p.add_argument("--depths", type=int, nargs="*", default=[2, 4, 8, 16, 32])
     p.add_argument("--depth-flows", nargs="+", default=["realnvp"], help="e.g. realnvp nsf")
@@ -445,6 +544,7 @@ def main(argv=None) -> None:
         args.steps, args.num_points, args.hidden, args.layers = 20, 64, [8], 2
         args.batch_sizes, args.depths, args.peak_size, args.repeats = [16], [2], 128, 1
         args.depth_steps, args.depth_batch, args.window = 20, 16, 10
+        args.lockstep_rounds = 2
 
     data = np.asarray(
         nflax.datasets.get("banana").sample(jax.random.key(args.seed), args.num_points)
@@ -481,6 +581,10 @@ def main(argv=None) -> None:
                     best["window_per_s"] = m["window_per_s"]
         rows.append(row)
 
+    locks = []
+    if args.lockstep_rounds:
+        for batch in args.batch_sizes:
+            locks.append(lockstep(args, data, min(batch, args.num_points), args.lockstep_rounds))
     # The peak again at the end; the faster of the two is kept (the load changes while we run).
     peak = max(peak, matmul_peak(args.peak_size, 3 if args.quick else 10))
     load_runs = _load()
@@ -488,7 +592,7 @@ def main(argv=None) -> None:
     print(f"load after the speed runs: {load_runs}; after the depth sweep: {_load()}", flush=True)
     if rows:
         print_table(args, rows, peak)
-        print_summary(args, rows)
+    print_summary(args, rows, locks)
     print_depth(args, depth)
     if args.nll_seeds:
         print_nll_spread(args, data)
@@ -566,31 +670,36 @@ def print_table(args, rows, peak) -> None:
     )
 
 
-def print_summary(args, rows) -> None:
+def print_summary(args, rows, locks) -> None:
     """The default fit against the baseline and against the loop-free limit, per batch size,
-    with the issue's targets; on whole runs (best of the repeats) and on the best window of
-    ``args.window`` steps (the least disturbed stretch of every side, the steadier measure on a
-    shared machine)."""
-    if not all("scan" in r for r in rows):
-        return
+    with the issue's targets: from the lockstep rounds (medians of per-round ratios, the
+    measure that cancels load changes), then from the table's whole runs and best windows."""
     print(
         f"\nsummary: the default fit against the baseline's loop and the loop-free limit "
         f"(targets: ≥ {TARGETS['full']}× at full batch, ≥ {TARGETS['minibatch']}× at batch 128,"
         f" ≥ {TARGETS['of_limit']:.0%} of the limit)"
     )
-    for r in rows:
-        full = r["batch"] >= args.num_points
+
+    def verdict(batch, base, lim, ours, scan_x, ours_x, of_limit, measure):
+        full = batch >= args.num_points
         want = TARGETS["full" if full else "minibatch"]
+        ok = ours_x >= want and of_limit >= TARGETS["of_limit"]
+        print(
+            f"  batch {batch:>5} ({'full' if full else 'minibatch'}), {measure}: baseline "
+            f"{base:,.0f}/s; limit {lim:,.0f}/s = {scan_x:.2f}×; default fit {ours:,.0f}/s = "
+            f"{ours_x:.2f}×, {of_limit:.0%} of the limit: {'met' if ok else 'MISSED'}"
+        )
+
+    for lk in locks:
+        m = lk["median"]
+        verdict(
+            lk["batch"], m["base"], m["scan"], m["ours"], lk["scan_x"], lk["ours_x"],
+            lk["of_limit"], f"lockstep, median of {lk['rounds']} rounds",
+        )  # fmt: skip
+    for r in rows if all("scan" in r for r in rows) else []:
         for measure, key in (("whole runs", "steps_per_s"), ("best windows", "window_per_s")):
             base, lim, ours = (r[k][key] for k in ("base", "scan", "ours"))
-            got, frac = ours / base, ours / lim
-            ok = got >= want and frac >= TARGETS["of_limit"]
-            print(
-                f"  batch {r['batch']:>5} ({'full' if full else 'minibatch'}), {measure:>12}: "
-                f"baseline {base:,.0f}/s; limit {lim:,.0f}/s = {lim / base:.2f}×; default fit "
-                f"{ours:,.0f}/s = {got:.2f}×, {frac:.0%} of the limit: "
-                f"{'met' if ok else 'MISSED'}"
-            )
+            verdict(r["batch"], base, lim, ours, lim / base, ours / base, ours / lim, measure)
 
 
 def print_depth(args, depth: list[dict]) -> None:
@@ -599,14 +708,16 @@ def print_depth(args, depth: list[dict]) -> None:
         return
     print(
         f"\ncompile time and steps/s against depth: nflax.fit, batch {args.depth_batch}, "
-        f"{args.depth_steps} steps, hidden {args.hidden}; compile = History.compile_seconds "
-        "(the training program, AOT); Linen step = the baseline's jitted step (its loop "
-        "unrolls the layers), full batch"
+        f"{args.depth_steps} steps, hidden {args.hidden}; compile s = History.compile_seconds "
+        "(the training program, AOT, and its first step), compile CPU s = the process's CPU time"
+        " over fit(steps=1); Linen step = the baseline's jitted step (its loop unrolls the "
+        "layers), full batch, wall"
     )
     md = args.markdown
     head = [
         "flow", "layers", "scan compile s", "unroll compile s", "unroll − scan s",
-        "scan steps/s", "unroll steps/s", "unroll / scan", "default", "Linen step compile s",
+        "scan compile CPU s", "unroll compile CPU s", "scan steps/s", "unroll steps/s",
+        "unroll / scan", "default", "Linen step compile s",
     ]  # fmt: skip
     lines: list[str] = []
     line = _liner(md, lines, 10)
@@ -614,11 +725,12 @@ def print_depth(args, depth: list[dict]) -> None:
     if md:
         lines.append("|" + "|".join("---:" for _ in head) + "|")
     for r in depth:
-        (cs, ss), (cu, su) = r["scan"], r["unroll"]
+        (cs, ss, ps), (cu, su, pu) = r["scan"], r["unroll"]
         linen = f"{r['linen']:.2f}" if "linen" in r else ""
         line([
             r["kind"], str(r["layers"]), f"{cs:.2f}", f"{cu:.2f}", f"{cu - cs:+.2f}",
-            f"{ss:,.0f}", f"{su:,.0f}", f"{su / ss:.2f}×", r["default"], linen,
+            f"{ps:.2f}", f"{pu:.2f}", f"{ss:,.0f}", f"{su:,.0f}", f"{su / ss:.2f}×",
+            r["default"], linen,
         ])  # fmt: skip
     print("\n".join(lines))
 
