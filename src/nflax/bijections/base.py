@@ -220,17 +220,24 @@ class Stack(Bijection):
     * ``False`` or ``1``: scanned (the layer compiled once): compile time flat in depth;
     * an int ``k``: ``k`` layers per scan iteration.
 
-    The rule comes from ``benchmarks/train_speed.py`` (2 shared CPU cores, ``fit`` at batch
-    128, 64-64 conditioners; compile = the training program through ``fit``, AOT). Unrolled
-    steps were faster than scanned ones by 1.5–1.6× for realnvp and maf up to 16 layers, 1.3×
-    for nsf up to 8, 1.3–1.4× for planar up to 8 but 1.09× at 16 and 0.87× at 32. The scanned
-    program compiles in the same time at every depth (realnvp ~1.7 s, nsf ~2.8 s); unrolled it
-    costs more per layer: realnvp +0.1 s at 4 layers, +0.8 s at 8, +1.8 s at 16, +4.3 s at
-    32; nsf +1.1 s at 4, +3.6 s at 8, +5.3 s at 16, +29 s at 32. Up to 8 layers every flow
-    gains and compiles at most ~3.5 s longer; beyond, the gain shrinks for the heavier layers
-    and compile time grows fastest. Partial unrolling (2, 4) was slower than none for realnvp.
-    The choice changes the compiled program only, not the parameters: a saved flow loads
-    with any ``unroll``.
+    The rule comes from ``benchmarks/train_speed.py``'s depth sweep (``fit`` at batch 128,
+    64-64 conditioners, 2 CPU cores shared with other jobs; compile = CPU seconds of ``fit``'s
+    training program, AOT). Unrolled steps against scanned ones, and compile time unrolled
+    (scanned: the same at every depth, realnvp ~1.8 s, nsf ~3 s):
+
+    * realnvp, 2 / 4 / 8 / 16 / 32 layers: 1.54 / 1.31 / 1.50 / 1.38 / 1.72×; 1.4 / 1.9 / 2.6
+      / 3.4 / 5.6 s;
+    * nsf, 2 / 4 / 5 / 8 / 16 layers: 1.38 / 1.27 / 1.32 / 0.9–1.34 / 1.21×; 2.6 / 3.8 / 4.5 /
+      6.3 / 12.2 s (nsf at 32: 78 s wall);
+    * maf, 5 / 8 / 16: 1.61 / 1.56 / 1.56×, at most +1.4 s; planar, 4 / 8 / 16 / 32: 1.31 /
+      1.41 / 1.09 / 0.87×, +0.7 s at 8, +1.7 s at 16.
+
+    Up to 8 layers unrolling costs at most ~3.4 s of compile (nsf), under 1 s for the others,
+    and the steps gain 1.3–1.6× (nsf at 8 layers: from none to 1.34× between runs under
+    load). Beyond 8 compile grows fastest and the gain shrinks for the heavier layers (planar
+    loses at 32). Every constructor's default depth is ≤ 8 except planar's 16, which stays
+    scanned. Partial unrolling (2, 4) was slower than none for realnvp. The choice changes
+    the compiled program only, not the parameters: a saved flow loads with any ``unroll``.
     """
 
     #: ``unroll="auto"`` unrolls stacks of at most this many layers.
