@@ -24,11 +24,13 @@ for both), the NLL of the training data after the same number of steps, and the 
 as a fraction of a float32 matmul peak measured in this run (a timed square ``jnp.dot``). The
 train step's FLOPs come from XLA's ``cost_analysis()`` of the baseline's compiled train step
 (same model and optimizer, so the same useful work per step; the analytic matmul count is
-printed next to it). Then a summary against the targets (default fit ≥ 1.2× the baseline at
-full batch and ≥ 1.55× at batch 128, and within 10 % of the loop-free limit), and compile
-time and steps/s against depth (``--depths``), through ``fit``, with the layers scanned and
-unrolled (``--depth-flows realnvp nsf`` adds nsf). Nothing here is specific to a backend;
-``benchmarks/gpu.py`` is the GPU benchmark.
+printed next to it); steps/s of whole runs (best of ``--repeats`` interleaved) and of the best
+``--window`` steps. Then the lockstep measure (``lockstep``: baseline, limit and fit advanced
+in turns inside one fit run; medians of per-round ratios) and a summary against the targets
+(default fit ≥ 1.2× the baseline at full batch and ≥ 1.55× at batch 128, and within 10 % of
+the loop-free limit), and compile time and steps/s against depth (``--depths``), through
+``fit``, with the layers scanned and unrolled (``--depth-flows realnvp nsf`` adds nsf).
+Nothing here is specific to a backend; ``benchmarks/gpu.py`` is the GPU benchmark.
 """
 
 from __future__ import annotations
