@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jax
@@ -124,7 +124,8 @@ class Checkpointing:
 class Run:
     """What the engine did. ``outputs[0]`` is each step's loss, ``outputs[1]`` the monitored
     metric at evaluation steps (NaN elsewhere), then the diagnostics; each has one entry per
-    step run."""
+    step run. ``compile_seconds`` covers compiling the chunk program and its first, throwaway
+    execution (one-time setup); ``train_seconds`` the chunks that trained."""
 
     outputs: list[np.ndarray]
     steps_run: int
@@ -194,8 +195,10 @@ def _tree_where(c, a, b):
 
 
 def _all_finite(tree) -> Array:
-    leaves = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    """Whether every entry of every leaf is finite: one reduction over the leaves joined (on
+    XLA:CPU a reduction per leaf, each split in two, cost ~3 % of a small step more)."""
+    leaves = [jnp.ravel(v) for v in jax.tree.leaves(tree)]
+    return jnp.all(jnp.isfinite(jnp.concatenate(leaves))) if leaves else jnp.array(True)
 
 
 def _average(ema: float | None, carry: dict, p, t):
@@ -246,14 +249,21 @@ def _step(objective: Objective, tx, settings: Settings, carry: dict, data, total
     if settings.patience is not None:
         stop = finite & do_eval & (t - best_step >= settings.patience)
         status = jnp.where(stop, PATIENCE, status)
+    # A non-finite step keeps the parameters and state the flow ends with; the optimizer
+    # state is not kept: the run stops here, so it is never used again (its select cost ~5 %
+    # of a small step). Without restore_best the best parameters are never read: not tracked.
     new = dict(
         params=_tree_where(finite, optax.apply_updates(p, updates), p),
         rest=_tree_where(finite, new_rest, rest),
-        opt_state=_tree_where(finite, new_opt, carry["opt_state"]),
+        opt_state=new_opt,
         extra=extra,
         step=jnp.where(finite, t + 1, t),
-        best_params=_tree_where(improved, p_mon, carry["best_params"]),
-        best_rest=_tree_where(improved, rest, carry["best_rest"]),
+        best_params=_tree_where(improved, p_mon, carry["best_params"])
+        if settings.restore_best
+        else carry["best_params"],
+        best_rest=_tree_where(improved, rest, carry["best_rest"])
+        if settings.restore_best
+        else carry["best_rest"],
         best_metric=jnp.where(improved, metric, carry["best_metric"]),
         best_step=best_step,
         status=status,
@@ -313,7 +323,8 @@ def _initial_carry(model: Model, objective: Objective, tx, settings: Settings) -
 
 
 def _compile(objective: Objective, tx, settings: Settings, carry: dict, data):
-    """The chunk program, compiled ahead of time for these shapes; and the arguments placed."""
+    """The chunk program, compiled ahead of time for these shapes and run once for one
+    throwaway step; and the arguments placed."""
     num_outputs = 2 + objective.num_diagnostics
 
     def chunk(carry, data, total):
@@ -324,6 +335,11 @@ def _compile(objective: Objective, tx, settings: Settings, carry: dict, data):
     if settings.mesh is not None:  # everything replicated; the objective shards its batches
         args = jax.device_put(args, parallel.replicated(settings.mesh))
     compiled = jax.jit(chunk, donate_argnums=0).lower(*args).compile()
+    # The first execution of a program pays a one-time setup (on XLA:CPU 0.07-0.1 s for an
+    # 8-layer realnvp, a tenth of 2000 steps at batch 128): one throwaway step, on a copy,
+    # puts it with the compile time instead of the first chunk's steps.
+    one = jax.device_put(np.int32(1), args[2].sharding)
+    jax.block_until_ready(compiled(jax.tree.map(jnp.copy, args[0]), args[1], one))
     # donation must not consume the flow's own arrays
     return compiled, (jax.tree.map(jnp.copy, args[0]), *args[1:])
 
@@ -483,6 +499,9 @@ def train(
     mode.
     """
     num_outputs = 2 + objective.num_diagnostics
+    if checkpointing is not None:  # best parameters are tracked only with restore_best
+        fingerprint = {**checkpointing.fingerprint, "restore_best": settings.restore_best}
+        checkpointing = replace(checkpointing, fingerprint=fingerprint)
     bar = Progress(settings.steps, progress)
     checkpoints = None
     try:
