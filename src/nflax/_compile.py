@@ -92,10 +92,26 @@ def freeze(value: Any, _depth: int = 0) -> Hashable:
         fields = dataclasses.fields(value)
         return (type(value), tuple(freeze(getattr(value, f.name), d) for f in fields))
     if isinstance(value, _STATELESS):
-        return ("id", value)
+        return _Identity(value)
     if _compared_by_value(value):
         return (type(value), value)
     raise Unfreezable(f"cannot key a compiled program on a {type(value).__name__}")
+
+
+class _Identity:
+    """A key part equal only to itself: holds ``value`` (so its id is not reused) and compares
+    by identity (a JAX array's ``==`` is elementwise)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
 
 
 def _compared_by_value(value) -> bool:
@@ -117,7 +133,7 @@ def _freeze_array(a) -> Hashable:
         host = np.asarray(jax.random.key_data(a) if is_key else a)
         return ("array", str(a.dtype), a.shape, host.tobytes())
     if isinstance(a, jax.Array):
-        return ("array-id", a)  # JAX arrays are immutable: the same array, the same values
+        return ("array", _Identity(a))  # JAX arrays are immutable: same array, same values
     raise Unfreezable(f"a NumPy array of {a.size} elements (mutable, too large to key)")
 
 
@@ -161,8 +177,10 @@ class Static:
     identity when it cannot be frozen), so equal functions built in two calls share one
     compiled program.
 
-    >>> Static(lambda x: x + 1) == Static(lambda x: x + 1)  # same code, nothing captured
-    True
+    >>> def shift(c):
+    ...     return lambda x: x + c
+    >>> Static(shift(1)) == Static(shift(1)), Static(shift(1)) == Static(shift(2))
+    (True, False)
     """
 
     __slots__ = ("value", "_key")
@@ -256,19 +274,7 @@ def compile_timed(lower: Callable[[], Any]) -> tuple[Any, float, str]:
     return compiled, time.perf_counter() - t0, how
 
 
-# ---- the persistent cache on disk -----------------------------------------------------------
-NO_CACHE_ENV = "NFLAX_NO_CACHE"
-CACHE_DIR_ENV = "NFLAX_CACHE_DIR"
-
-
-def default_cache_dir() -> str:
-    """``$NFLAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/nflax/jax``, else ``~/.cache/nflax/jax``."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return os.environ[CACHE_DIR_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "nflax", "jax")
-
-
+# ---- the persistent cache on disk ---------------------------------------------------------
 class _OneWarning:
     """Print the first of JAX's persistent-cache warnings as one ``nflax: warning:`` line on
     stderr and drop the rest; pass every other warning on."""
@@ -276,27 +282,31 @@ class _OneWarning:
     def __init__(self, directory: str, show):
         self.directory, self.show, self.said = directory, show, False
 
-    def say(self, reason: str) -> None:
+    def say(self, reason: str, hint: str = "") -> None:
         if not self.said:
             self.said = True
             print(
-                f"nflax: warning: compilation cache {self.directory}: {reason}; continuing "
-                f"(programs are compiled as needed)",
+                f"nflax: warning: compilation cache {self.directory}: {reason}; continuing, "
+                f"programs are compiled as needed{hint}",
                 file=sys.stderr,
             )
 
     def __call__(self, message, category, filename, lineno, file=None, line=None):
         text = str(message)
-        if "persistent compilation cache" in text:
-            self.say(text.split(":", 1)[0].lower() + " failed")
-        else:
+        if "persistent compilation cache" not in text:
             self.show(message, category, filename, lineno, file, line)
+            return
+        detail = text.split("': ", 1)[-1][:120]
+        if "reading" in text:
+            self.say(f"cannot read an entry ({detail})", " (delete the folder to rebuild it)")
+        else:
+            self.say(f"cannot write an entry ({detail})")
 
 
 def _usable(directory: str) -> str | None:
     """``None`` when ``directory`` can be created and written, else the reason it cannot."""
     try:
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)  # the cache is trusted: yours only
         fd, probe = tempfile.mkstemp(prefix=".nflax-probe-", dir=directory)
         os.close(fd)
         os.remove(probe)

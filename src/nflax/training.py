@@ -37,9 +37,11 @@ from nflax.engine import (
     make_settings,
     mutable_state,
     positive_int,
+    scale_by_warmup_cosine,
     split_model,
     train,
     with_clipping,
+    with_numbers,
 )
 from nflax.variables import needs_data_init
 
@@ -150,6 +152,11 @@ def default_optimizer(
     """``nflax train``'s optimizer: adamw on :func:`warmup_cosine` (or a constant rate), its
     weight decay on the conditioners' kernels only (:func:`kernel_mask`).
 
+    It is ``optax.adamw`` step for step, built so that the learning rate, the step count and
+    the weight decay are values in the optimizer state rather than constants in the compiled
+    program: a program compiled for one of them is reused for any other (in this process,
+    or from JAX's persistent compilation cache in the next).
+
     The weight decay is strong on purpose. adamw shrinks each kernel by ``lr·weight_decay``
     per step, which keeps the conditioners smooth where there are no data, so the tails of
     the density stop degrading as training goes on. With silu conditioners on the banana set
@@ -166,8 +173,18 @@ def default_optimizer(
             f"default_optimizer: schedule must be 'warmup-cosine' or 'constant', received "
             f"{schedule!r}"
         )
-    lr = warmup_cosine(learning_rate, steps) if schedule == "warmup-cosine" else learning_rate
-    return optax.adamw(lr, weight_decay=weight_decay, mask=kernel_mask)
+    steps = positive_int("steps", steps, "default_optimizer")
+    warmup = min(200, max(steps // 10, 1))  # as warmup_cosine
+    decay = optax.inject_hyperparams(optax.add_decayed_weights, static_args="mask")
+    tx = optax.chain(
+        optax.scale_by_adam(),
+        decay(weight_decay=0.0, mask=kernel_mask),
+        scale_by_warmup_cosine(constant=schedule == "constant"),
+    )
+    total = max(steps, warmup + 1)
+    return with_numbers(
+        tx, peak=learning_rate, warmup=warmup, total=total, weight_decay=weight_decay
+    )
 
 
 def check_data(x, event_shape: tuple[int, ...], name: str = "x") -> np.ndarray:
