@@ -111,6 +111,11 @@ def test_default_optimizer_learning_rate_steps_and_decay_are_traced():
     assert seen == [] and hist.chunk_program == "reused"
     _, fresh = _fresh(_flow, steps=50, optimizer=default_optimizer(**opt))
     _same(hist, fresh)
+    # with gradient clipping too: the clipped optimizer's update holds none of the numbers
+    _fit(_flow(), optimizer=default_optimizer(30, 2e-3, 3.0), max_grad_norm=1.0)
+    with compiles() as seen:
+        hist = _fit(_flow(), optimizer=default_optimizer(**opt), max_grad_norm=1.0)
+    assert seen == [] and hist.chunk_program == "reused"
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nflax import _compile, parallel
+from nflax._optim import scale_by_warmup_cosine, with_numbers
 from nflax.datafiles import nonfinite_rows
 from nflax.distributions import Flow
 from nflax.engine import (
@@ -37,11 +38,9 @@ from nflax.engine import (
     make_settings,
     mutable_state,
     positive_int,
-    scale_by_warmup_cosine,
     split_model,
     train,
     with_clipping,
-    with_numbers,
 )
 from nflax.variables import needs_data_init
 
