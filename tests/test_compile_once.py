@@ -376,3 +376,17 @@ def test_cache_entries_that_cannot_be_written_cost_one_warning_line(monkeypatch,
     assert len(lines) == 1 and "cannot write an entry" in lines[0], lines
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps_run"] == 40
     assert jax.config.jax_compilation_cache_dir is None  # the command put JAX back as it was
+
+
+def test_compile_once_benchmark_quick_prints_its_tables():
+    """benchmarks/compile_once.py runs end to end (no timing is asserted)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_once.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NFLAX_")}
+    env["PYTHONPATH"] = str(Path(nflax.__file__).parents[1])
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for row in ("| one fit |", "| 2 fits |", "| tutorial loop |", "| 1 warm |", "identical"):
+        assert row in done.stdout, done.stdout
