@@ -79,13 +79,19 @@ def one_fit(x, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+OUTSIDE: list[float] = []  # seconds of each reused call outside its compiled loop
+
+
 def many_fits(x, calls: int, steps: int, reuse: bool = True) -> float:
     flow = nflax.flows.realnvp(2, rngs=nnx.Rngs(0))
     t0 = time.perf_counter()
     for i in range(calls):
         if not reuse:
             engine.PROGRAMS.clear()
-        nflax.fit(flow, x, key=jax.random.key(1 + i), steps=steps, progress=False)
+        t1 = time.perf_counter()
+        hist = nflax.fit(flow, x, key=jax.random.key(1 + i), steps=steps, progress=False)
+        if hist.chunk_program == "reused":
+            OUTSIDE.append(time.perf_counter() - t1 - hist.train_seconds)
     return calls * steps / (time.perf_counter() - t0)
 
 
@@ -189,6 +195,12 @@ def print_in_process(args, rates: dict[str, list[float]]) -> None:
         each = ", ".join(f"{r:.2f}" for r in ratios)
         median = statistics.median(ratios)
         print(f"| {name} | {statistics.median(values):.0f} | {span} | {each} | {median:.2f} |")
+    if OUTSIDE:
+        print(
+            f"\nA reused call spends {1000 * statistics.median(OUTSIDE):.0f} ms (median; "
+            f"{1000 * max(OUTSIDE):.0f} ms at most) outside its compiled loop "
+            "(wall − History.train_seconds)."
+        )
 
 
 def print_across(args, runs) -> None:
