@@ -438,7 +438,17 @@ def _warm_up(program, args) -> None:
 
 def _place(args, mesh: Mesh | None):
     """Everything replicated over the mesh (the objective shards its batches)."""
-    return args if mesh is None else jax.device_put(args, parallel.replicated(mesh))
+    if mesh is None:
+        return args
+    sharding = parallel.replicated(mesh)
+
+    def put(x):  # a typed PRNG key cannot go to other processes' devices: its data can
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, args)
 
 
 # ---- the driver: Python between chunks ----------------------------------------------------
