@@ -429,3 +429,16 @@ def get_target(name: str, **kwargs) -> Target:
             f"target {name!r} takes no options {sorted(kwargs)} "
             f"(only correlated_gaussian takes dim=)"
         ) from None
+
+
+# ---- images: integer grey levels, offline (nflax.image_data) ---------------------------------
+from nflax.image_data import (  # noqa: E402, F401  (re-exported from their own module)
+    ImageData,
+    digits,
+    image_names,
+    load_images,
+    mnist,
+    mnist_5k,
+    read_idx,
+    read_mnist,
+)
