@@ -8,6 +8,7 @@ from nflax import (
     bijections,
     checkpoint,
     datasets,
+    dequantization,
     distributions,
     flows,
     metrics,
@@ -17,6 +18,7 @@ from nflax import (
     vi,
 )
 from nflax.checkpoint import load, save
+from nflax.dequantization import fit_dequantized
 from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
 from nflax.metrics import evaluate
 from nflax.training import History, fit, nll
@@ -30,9 +32,11 @@ __all__ = [
     "bijections",
     "checkpoint",
     "datasets",
+    "dequantization",
     "distributions",
     "evaluate",
     "fit",
+    "fit_dequantized",
     "fit_vi",
     "load",
     "save",

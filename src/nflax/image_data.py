@@ -276,10 +276,10 @@ def image_names() -> list[str]:
     return sorted(IMAGE_DATASETS)
 
 
-def load_images(name: str, data_dir: str | os.PathLike | None = None) -> ImageData:
+def load_images(name: str, data_dir: str | os.PathLike | None = None, **options) -> ImageData:
     """The image data set ``name``: ``"digits"``, ``"mnist_5k"``, or ``"mnist"`` (MNIST or
-    Fashion-MNIST IDX files in ``data_dir``). An unknown name raises ``ValueError`` listing
-    the known ones."""
+    Fashion-MNIST IDX files in ``data_dir``; ``options`` go to :func:`mnist`, e.g.
+    ``validation=``). An unknown name raises ``ValueError`` listing the known ones."""
     if name not in IMAGE_DATASETS:
         raise ValueError(
             f"unknown image dataset {name!r}; known image datasets: {', '.join(image_names())}"
@@ -287,7 +287,9 @@ def load_images(name: str, data_dir: str | os.PathLike | None = None) -> ImageDa
     if name in _NEEDS_FOLDER:
         if data_dir is None:
             raise ValueError(f"image dataset {name!r} is read from a folder: pass data_dir=")
-        return IMAGE_DATASETS[name](data_dir)
-    if data_dir is not None:
-        raise ValueError(f"image dataset {name!r} ships with its package; it takes no data_dir")
+        return IMAGE_DATASETS[name](data_dir, **options)
+    if data_dir is not None or options:
+        raise ValueError(
+            f"image dataset {name!r} ships with its package; it takes no data_dir or options"
+        )
     return IMAGE_DATASETS[name]()
