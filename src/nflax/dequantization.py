@@ -79,7 +79,7 @@ def _first_bad(name: str, arr: np.ndarray, bad: np.ndarray, what: str) -> None:
     if bad.any():
         where = np.argwhere(bad)[0]
         raise ValueError(
-            f"{name}: {int(bad.sum())} value(s) {what}; the first is {arr[tuple(where)]!r} at "
+            f"{name}: {int(bad.sum())} value(s) {what}; the first is {float(arr[tuple(where)])} at "
             f"index {tuple(int(i) for i in where)}"
         )
 

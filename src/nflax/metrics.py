@@ -197,13 +197,14 @@ _SAMPLE_CHUNK = 32  # noise draws per pass of the flow inside the importance-wei
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _iw_program(graphdef: _compile.Static, num_levels: int, num_samples: int, state, x, key):
     """``log S − logsumexp_s log w_s`` for each row of ``x``, samples drawn in chunks."""
-    joint = nnx.merge(graphdef.value, state)
     chunk = min(num_samples, _SAMPLE_CHUNK)
 
-    def draw(i):
+    def draw(state, i):  # the state is the loop's carry: ActNorm may not write across traces
+        joint = nnx.merge(graphdef.value, state)
         k = jax.random.fold_in(key, i)
-        return log_weights(joint.flow, joint.dequantizer, k, x, num_levels, chunk)
+        return state, log_weights(joint.flow, joint.dequantizer, k, x, num_levels, chunk)
 
-    chunks = jax.lax.map(draw, jnp.arange(-(-num_samples // chunk)))  # (chunks, n, chunk)
+    steps = jnp.arange(-(-num_samples // chunk))
+    chunks = jax.lax.scan(draw, state, steps)[1]  # (chunks, n, chunk)
     log_w = jnp.moveaxis(chunks, 0, 1).reshape(x.shape[0], -1)[:, :num_samples]
     return math.log(num_samples) - jax.nn.logsumexp(log_w, axis=1)

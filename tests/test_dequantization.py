@@ -1,0 +1,203 @@
+"""Dequantization: the bound and the importance-weighted NLL against exact cell probabilities,
+bits/dim of a density that is exactly uniform, training on digits (uniform and variational
+noise), and the errors for bad levels."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from scipy import stats
+
+import nflax
+from nflax import Flow, StandardNormal
+from nflax.bijections import Affine
+from nflax.dequantization import check_levels, fit_dequantized, log_weights, sample_noise
+from nflax.distributions import Uniform
+from nflax.metrics import bits_per_dim, importance_weighted_nll
+
+LOG2_17 = math.log2(17)  # 4.0875: bits/dim of the uniform distribution over 17 levels
+
+
+@pytest.fixture(scope="module")
+def digits_flat():
+    pytest.importorskip("sklearn", reason="the digits data ship with scikit-learn")
+    data = nflax.datasets.digits()
+    return tuple(a.reshape(len(a), 64) for a in (data.train, data.validation, data.test))
+
+
+def test_a_density_that_is_one_on_the_unit_cube_gives_log2_of_the_levels(digits_flat):
+    flat = Flow(Uniform(0.0, 1.0, dim=64), Affine(64))  # p(y) = 1 on [0, 1]^64
+    test = digits_flat[2]
+    bound = log_weights(flat, None, jax.random.key(0), jnp.asarray(test, jnp.float32), 17)
+    iw = importance_weighted_nll(flat, test, 17, key=jax.random.key(1), num_samples=5)
+    assert bits_per_dim(-float(bound.mean()), 64, num_levels=None) == pytest.approx(LOG2_17, 1e-6)
+    assert bits_per_dim(iw.mean(), (8, 8, 1), num_levels=None) == pytest.approx(LOG2_17, 1e-6)
+    assert bits_per_dim(0.0, 64, num_levels=17) == pytest.approx(4.087462841, abs=1e-9)
+    per_point = bits_per_dim(np.array([0.0, -64 * math.log(2)]), 64, num_levels=17)
+    np.testing.assert_allclose(per_point, [LOG2_17, LOG2_17 - 1])  # an array in, an array out
+    with pytest.raises(TypeError, match="num_levels"):
+        bits_per_dim(0.0, 64)  # continuous or discrete must be said
+
+
+# ---- exact: a diagonal Gaussian puts a known mass on every cell -----------------------------
+K = 4
+MEAN, STD = np.array([0.5, 0.4]), np.array([0.3, 0.2])
+CELLS = np.stack(np.meshgrid(np.arange(K), np.arange(K)), -1).reshape(-1, 2)
+
+
+def gaussian_flow():
+    return Flow(StandardNormal(2), Affine(2, loc=MEAN, log_scale=np.log(STD)))
+
+
+def exact_nll():
+    """``−log P(x) = −Σ_i log(Φ((x_i + 1)/K) − Φ(x_i/K))`` for N(MEAN, STD²), float64."""
+    upper = stats.norm.cdf((CELLS + 1) / K, MEAN, STD)
+    return -np.log(upper - stats.norm.cdf(CELLS / K, MEAN, STD)).sum(-1)
+
+
+def random_noise_flow():
+    """A conditional realnvp for the noise, its parameters moved away from the identity."""
+    q = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), context_dim=2, rngs=nnx.Rngs(0))
+    params = nnx.state(q, nnx.Param)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    moved = [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys, strict=True)]
+    nnx.update(q, jax.tree.unflatten(tree, moved))
+    return q
+
+
+def iw_gaps(flow, q, samples):
+    """The single-sample bound (mean over 4000 draws) and ``|IW NLL − exact|`` per ``S``."""
+    x = jnp.asarray(CELLS, jnp.float32)
+    draws = log_weights(flow, None if q == "uniform" else q, jax.random.key(0), x, K, 4000)
+    bound, iw = -np.asarray(draws.mean(1)), {}
+    for s in samples:
+        iw[s] = importance_weighted_nll(flow, CELLS, K, key=jax.random.key(s), num_samples=s,
+                                        dequantizer=q, batch_size=6)  # fmt: skip
+    return bound, iw
+
+
+def test_importance_weighted_nll_converges_to_the_exact_cell_mass():
+    """Uniform noise: the weights are bounded, so the IW NLL converges fast. Measured mean
+    |IW − exact| over the 16 cells: 0.083 (S = 16), 0.021 (256), 0.0093 (4096)."""
+    flow, exact = gaussian_flow(), exact_nll()
+    bound, iw = iw_gaps(flow, "uniform", (16, 4096))
+    assert np.all(bound >= exact - 1e-3)  # Jensen: the bound is above −log P(x)
+    assert np.all(np.array([v.mean() for v in iw.values()]) <= bound.mean())
+    gap16, gap4096 = (np.abs(iw[s] - exact) for s in (16, 4096))
+    assert gap4096.mean() < 0.02 and gap4096.max() < 0.06 and gap4096.mean() < gap16.mean() / 3
+
+
+def test_variational_bound_and_importance_weights_with_a_random_noise_flow():
+    """With ``u = σ(v)``, ``v`` Gaussian-like, ``p/q`` is unbounded at the cube's faces (the
+    weights have infinite variance), so the IW NLL converges slowly: measured mean
+    |IW − exact| 0.45 (S = 16), 0.14 (256), 0.11 (4096), against a bound 0.47 above."""
+    flow, exact = gaussian_flow(), exact_nll()
+    bound, iw = iw_gaps(flow, random_noise_flow(), (4096,))
+    assert np.all(bound >= exact - 1e-3)
+    assert np.abs(iw[4096] - exact).mean() < 0.2 < (bound - exact).mean()
+
+
+def noise_log_density(q, u, x):
+    """``log q(u | x) = log q_v(logit u | c) − Σ log σ'(logit u)``, c = 2(x + ½)/K − 1: the
+    change of variables written out independently of ``sample_noise``."""
+    v = jnp.log(u) - jnp.log1p(-u)
+    c = jnp.broadcast_to(2 * (x + 0.5) / K - 1, v.shape)
+    return q.log_prob(v, c) - jnp.sum(jnp.log(u) + jnp.log1p(-u), -1)
+
+
+def test_variational_noise_is_in_the_unit_cube_and_its_density_integrates_to_one():
+    q = random_noise_flow()
+    x = jnp.array([[2.0, 1.0]])
+    u, log_q = sample_noise(q, jax.random.key(0), x, K, 1000)
+    assert u.shape == (1, 1000, 2) and log_q.shape == (1, 1000)
+    assert bool(jnp.all((u > 0) & (u < 1)))
+    np.testing.assert_allclose(log_q[0], noise_log_density(q, u[0], x), atol=2e-4)
+    h = 1 / 1000  # the midpoint rule on 1000² cells of the unit square
+    grid = jnp.stack(jnp.meshgrid(*[jnp.linspace(h / 2, 1 - h / 2, 1000)] * 2), -1)
+    mass = float(jnp.exp(noise_log_density(q, grid.reshape(-1, 2), x)).sum() * h * h)
+    assert mass == pytest.approx(1.0, abs=2e-3)
+
+
+# ---- training on digits ---------------------------------------------------------------------
+def fit_digits(digits_flat, seed, steps=300, **options):
+    train, val, test = digits_flat
+    flow = nflax.flows.realnvp(64, num_layers=4, hidden=(64,), actnorm=True, rngs=nnx.Rngs(seed))
+    hist = fit_dequantized(flow, train, 17, key=jax.random.key(seed), steps=steps,
+                           validation=val, batch_size=128, optimizer=optax.adam(3e-3),
+                           progress=False, **options)  # fmt: skip
+    iw = importance_weighted_nll(flow, test, 17, key=jax.random.key(99), num_samples=1)
+    return flow, hist, bits_per_dim(iw.mean(), 64, num_levels=None)
+
+
+def test_uniform_dequantized_fit_on_digits_beats_the_uniform_levels(digits_flat):
+    """300 steps of a 4-layer realnvp on the flattened digits. Measured test bits/dim over
+    seeds 0, 1, 2: 2.521, 2.511, 2.514; asserted: below 3.0 (a margin of 0.48, against a
+    spread of 0.01), and far below log2 17 = 4.087."""
+    _, hist, bpd = fit_digits(digits_flat, seed=0)
+    assert bpd < 3.0
+    assert hist.steps_run == 300 and hist.restored_best and np.all(np.isfinite(hist.loss))
+    assert bits_per_dim(hist.best_loss, 64, num_levels=None) < 3.0  # nats per image in History
+
+
+def test_variational_dequantization_trains_both_flows_and_gives_a_finite_bound(digits_flat):
+    train, val, test = digits_flat
+    flow = nflax.flows.realnvp(64, num_layers=2, hidden=(32,), actnorm=True, rngs=nnx.Rngs(0))
+    q = nflax.flows.realnvp(64, num_layers=2, hidden=(32,), context_dim=64, rngs=nnx.Rngs(1))
+    before = [jax.tree.map(jnp.copy, nnx.state(m, nnx.Param)) for m in (flow, q)]
+    hist = fit_dequantized(flow, train, 17, key=jax.random.key(0), steps=100, dequantizer=q,
+                           validation=val, batch_size=128, optimizer=optax.adam(3e-3),
+                           progress=False)  # fmt: skip
+    for m, old in zip((flow, q), before, strict=True):
+        new = nnx.state(m, nnx.Param)
+        pairs = zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
+        moved = [float(jnp.abs(a - b).max()) for a, b in pairs]
+        assert max(moved) > 1e-3  # both parts trained, in place
+    assert np.all(np.isfinite(hist.loss)) and hist.loss[-1] < hist.loss[0]
+    one = importance_weighted_nll(flow, test, 17, key=jax.random.key(2), num_samples=1,
+                                  dequantizer=q)  # fmt: skip
+    many = importance_weighted_nll(flow, test, 17, key=jax.random.key(2), num_samples=32,
+                                   dequantizer=q)  # fmt: skip
+    assert np.all(np.isfinite(one)) and np.all(np.isfinite(many))
+    assert many.mean() <= one.mean()  # importance weighting tightens the bound
+    assert bits_per_dim(many.mean(), 64, num_levels=None) < LOG2_17
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def test_bad_levels_and_settings_name_what_was_wrong():
+    flow = nflax.flows.realnvp(3, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
+    key = jax.random.key(0)
+    fine = np.array([[0, 1, 2]])
+    cases = [
+        (np.array([[0, 1.5, 2]]), r"levels: 1 value\(s\) not an integer level; the first is "
+         r"1.5 at index \(0, 1\)"),
+        (np.array([[0, 1, 4]]), r"outside 0..3 \(num_levels=4\); the first is 4.0 at index "
+         r"\(0, 2\)"),
+        (np.array([[0, -1, 2]]), r"outside 0..3 \(num_levels=4\); the first is -1.0"),
+        (np.array([[0, np.nan, 2]]), "not an integer level; the first is nan"),
+        (np.zeros((2, 4)), r"expected shape \(n, 3\) with n ≥ 1 for a flow with event shape "
+         r"\(3,\), received \(2, 4\)"),
+        (np.zeros((2, 3, 1)), r"received \(2, 3, 1\)"),
+        (np.array([["a", "b", "c"]]), "levels: not a numeric array"),
+    ]  # fmt: skip
+    for levels, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fit_dequantized(flow, levels, 4, key=key, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"num_levels must be an integer ≥ 2, received 1"):
+        check_levels(fine, 1, (3,))
+    with pytest.raises(ValueError, match=r"num_levels must be an integer ≥ 2, received 4.0"):
+        importance_weighted_nll(flow, fine, 4.0, key=key)
+    with pytest.raises(ValueError, match=r"validation: 1 value\(s\) outside 0..3"):
+        fit_dequantized(flow, fine, 4, key=key, steps=1, validation=fine + 2, progress=False)
+    with pytest.raises(ValueError, match="dequantizer must be 'uniform' or a conditional"):
+        fit_dequantized(flow, fine, 4, key=key, steps=1, dequantizer="variational")
+    q = nflax.flows.realnvp(3, num_layers=2, hidden=(8,), context_dim=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"event shape \(3,\) and context_dim 3 .*received event "
+                       r"shape \(3,\) and context_dim 2"):  # fmt: skip
+        fit_dequantized(flow, fine, 4, key=key, steps=1, dequantizer=q)
+    with pytest.raises(ValueError, match="fit_dequantized: resume=True needs a checkpoint_dir"):
+        fit_dequantized(flow, fine, 4, key=key, steps=1, resume=True)
