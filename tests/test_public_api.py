@@ -25,7 +25,7 @@ import nflax
 from nflax.cli import build_parser
 
 TESTS = Path(__file__).resolve().parent
-EXTRA_MODULES = ["parallel", "training"]  # public, though not re-exported in nflax.__all__
+EXTRA_MODULES = ["image_data", "parallel", "training"]  # public, not in nflax.__all__
 PACKAGES = ["bijections", "runs"]  # public through their __all__
 
 PUBLIC = {
@@ -37,6 +37,7 @@ PUBLIC = {
     "nflax.VIHistory": ["test_plotting.py::test_plot_elbo_lines"],
     "nflax.evaluate": ["test_metrics.py::test_evaluate_a_standard_normal_flow_is_exact"],
     "nflax.fit": ["test_training.py::test_fit_learns_and_reports", "test_training.py::test_ragged_last_batch_is_masked_and_nothing_recompiles"],
+    "nflax.fit_dequantized": ["test_dequantization.py::test_uniform_dequantized_fit_on_digits_beats_the_uniform_levels", "test_dequantization.py::test_variational_dequantization_trains_both_flows_and_gives_a_finite_bound"],
     "nflax.fit_vi": ["test_vi.py::test_correlated_gaussian_mean_and_covariance_are_recovered"],
     "nflax.load": ["test_checkpoint.py::test_save_load_round_trip_is_bit_exact"],
     "nflax.nll": ["test_training.py::test_nll_in_batches_smaller_than_the_data"],
@@ -94,6 +95,15 @@ PUBLIC = {
     "nflax.datasets.grid_log_normalizer": ["test_vi.py::test_targets_have_the_right_shapes_and_normalisers"],
     "nflax.datasets.names": ["test_datasets.py::test_moons_has_no_density_and_the_others_do"],
     "nflax.datasets.target_names": ["test_vi.py::test_targets_have_the_right_shapes_and_normalisers"],
+    # nflax.dequantization
+    "nflax.dequantization.Dequantized": ["test_dequantization.py::test_variational_dequantization_trains_both_flows_and_gives_a_finite_bound"],
+    "nflax.dequantization.check_dequantizer": ["test_dequantization.py::test_bad_levels_and_settings_name_what_was_wrong"],
+    "nflax.dequantization.check_levels": ["test_dequantization.py::test_bad_levels_and_settings_name_what_was_wrong"],
+    "nflax.dequantization.check_num_levels": ["test_dequantization.py::test_bad_levels_and_settings_name_what_was_wrong"],
+    "nflax.dequantization.fit_dequantized": ["test_dequantization.py::test_uniform_dequantized_fit_on_digits_beats_the_uniform_levels", "test_dequantization.py::test_bad_levels_and_settings_name_what_was_wrong"],
+    "nflax.dequantization.log_weights": ["test_dequantization.py::test_a_density_that_is_one_on_the_unit_cube_gives_log2_of_the_levels", "test_dequantization.py::test_importance_weighted_nll_converges_to_the_exact_cell_mass"],
+    "nflax.dequantization.sample_noise": ["test_dequantization.py::test_variational_noise_is_in_the_unit_cube_and_its_density_integrates_to_one"],
+    "nflax.dequantization.uniform_dequantize": ["test_dequantization.py::test_uniform_dequantize_stays_in_the_cell_of_each_level"],
     # nflax.distributions
     "nflax.distributions.compiled_log_prob": ["test_compile_once.py::test_compiled_sample_and_log_prob_compile_once_per_structure_and_shape"],
     "nflax.distributions.compiled_sample": ["test_compile_once.py::test_compiled_sample_and_log_prob_compile_once_per_structure_and_shape"],
@@ -116,6 +126,16 @@ PUBLIC = {
     "nflax.flows.register": ["test_checkpoint.py::test_register_makes_a_constructor_buildable_and_loadable"],
     # nflax.metrics
     "nflax.metrics.evaluate": ["test_metrics.py::test_evaluate_with_the_exact_density_as_an_array_or_a_function", "test_metrics.py::test_evaluate_passes_the_context_to_the_flow_and_to_the_exact_density", "test_runs.py::test_run_train_returns_its_metrics_and_evaluate_reproduces_them"],
+    "nflax.metrics.bits_per_dim": ["test_dequantization.py::test_a_density_that_is_one_on_the_unit_cube_gives_log2_of_the_levels"],
+    "nflax.metrics.importance_weighted_nll": ["test_dequantization.py::test_importance_weighted_nll_converges_to_the_exact_cell_mass", "test_dequantization.py::test_a_density_that_is_one_on_the_unit_cube_gives_log2_of_the_levels"],
+    # nflax.image_data
+    "nflax.image_data.IDXError": ["test_image_data.py::test_idx_errors_name_the_file_and_the_problem"],
+    "nflax.image_data.ImageData": ["test_image_data.py::test_digits_split_is_the_documented_permutation_and_levels_are_0_to_16"],
+    "nflax.image_data.image_names": ["test_image_data.py::test_unknown_names_and_folders_are_named"],
+    "nflax.image_data.load_images": ["test_image_data.py::test_unknown_names_and_folders_are_named", "test_image_data.py::test_mnist_idx_round_trip_gzip_or_not"],
+    "nflax.image_data.mnist": ["test_image_data.py::test_mnist_idx_round_trip_gzip_or_not"],
+    "nflax.image_data.read_idx": ["test_image_data.py::test_idx_of_other_types_and_the_dotted_names"],
+    "nflax.image_data.read_mnist": ["test_image_data.py::test_mnist_idx_round_trip_gzip_or_not", "test_image_data.py::test_idx_errors_name_the_file_and_the_problem"],
     # nflax.nets
     "nflax.nets.MADE": ["test_made.py::test_made_is_autoregressive_in_degree_order"],
     "nflax.nets.MLP": ["test_conditional.py::test_embedding_network_is_trained"],
