@@ -207,10 +207,9 @@ def _dequantized_objective(model: ModelDef, rows: Objective, num_levels: int) ->
         return _neg_bound(model.bind(data["frozen"]), params, rest, xb, w, key, num_levels)
 
     def validate(params, rest, t, data):
-        x_val, bound = data["rows"][1], model.bind(data["frozen"])
-        return _neg_bound(bound, params, rest, x_val, None, data["val_key"], num_levels, False)[
-            0
-        ], ()
+        bound, x_val = model.bind(data["frozen"]), data["rows"][1]
+        metric, _ = _neg_bound(bound, params, rest, x_val, None, data["val_key"], num_levels, False)
+        return metric, ()
 
     has_val = rows.validate is not None
     return Objective(loss, inputs, validate if has_val else None, extra=rows.extra)
@@ -267,7 +266,12 @@ def fit_dequantized(
     Returns:
       A :class:`nflax.History` whose ``loss`` and ``val_loss`` are the negative bound in nats
       per point in data (discrete) space: bits/dim is
-      ``nflax.metrics.bits_per_dim(loss, D, num_levels=None)``.
+      ``nflax.metrics.bits_per_dim(loss, D, num_levels=None)``. A non-finite loss or
+      gradient stops training (``stop_reason "non_finite"``) with the last finite parameters.
+
+    Layers with data-dependent initialisation (ActNorm) are initialised before the first
+    step: those of ``flow`` on the first batch dequantized uniformly, those of the noise flow
+    on logits of uniform noise. Not yet here: ``mesh=`` (one device).
 
     >>> import nflax
     >>> flow = nflax.flows.realnvp(4, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
@@ -277,14 +281,7 @@ def fit_dequantized(
     (20, True)
     """
     who = "fit_dequantized"
-    if not isinstance(flow, Flow):
-        raise ValueError(f"{who}: expected an nflax Flow, received {type(flow).__name__}")
-    k = check_num_levels(num_levels)
-    x = check_levels(levels, k, flow.event_shape)
-    x_val = (
-        None if validation is None else check_levels(validation, k, flow.event_shape, "validation")
-    )
-    noise = check_dequantizer(dequantizer, flow.event_shape, who)
+    x, x_val, k, noise = _check_inputs(flow, levels, validation, num_levels, dequantizer, who)
     settings = make_settings(
         who,
         steps=steps,
@@ -296,28 +293,27 @@ def fit_dequantized(
         ema=ema,
         mesh=None,
     )
-    bsz = len(x) if batch_size is None else min(positive_int("batch_size", batch_size, who), len(x))
-    rows = (jnp.asarray(x), None if x_val is None else jnp.asarray(x_val), None, None, None)
-    split = _Split(rows, np.zeros(0, np.int64), len(x), bsz, bsz == len(x))
+    split = _rows(x, x_val, batch_size, who)
     if restore_best is None:
         settings = replace(settings, restore_best=x_val is not None or patience is not None)
     settings = replace(settings, eval_every=settings.eval_every or split.num_batches)
     k_rows, k_noise, k_val, k_init = jax.random.split(key, 4)
-    _initialize_from_data(flow, noise, x[:bsz], k, k_init)
+    _initialize_from_data(flow, noise, x[: split.batch_size], k, k_init)
     joint = Dequantized(flow, noise)
     model = split_model(joint)
-    rows_objective = _likelihood_objective(model.definition, split.plan, None)
-    data = {"rows": rows, "key": k_rows, "noise_key": k_noise, "val_key": k_val}
-    fingerprint = {"data_sha256": data_fingerprint(x, x_val), "num_levels": k, "batch_size": bsz}
-    fingerprint.update(key=np.asarray(jax.random.key_data(key)).tolist(), ema=ema)
-    fingerprint.update(variational=noise is not None)
+    objective = _dequantized_objective(
+        model.definition, _likelihood_objective(model.definition, split.plan, None), k
+    )
+    data = {"rows": split.data, "key": k_rows, "noise_key": k_noise, "val_key": k_val}
+    fingerprint = {"data_sha256": data_fingerprint(x, x_val), "num_levels": k, "ema": ema}
+    fingerprint.update(key=np.asarray(jax.random.key_data(key)).tolist())
+    fingerprint.update(batch_size=split.batch_size, variational=noise is not None)
+    tx = optimizer if optimizer is not None else optax.adamw(1e-3)
     run = train(
         joint,
         model,
-        _dequantized_objective(model.definition, rows_objective, k),
-        with_clipping(
-            optimizer if optimizer is not None else optax.adamw(1e-3), max_grad_norm, who
-        ),
+        objective,
+        with_clipping(tx, max_grad_norm, who),
         {**data, "frozen": model.frozen},
         settings,
         report=_report(split, callback),
@@ -325,6 +321,27 @@ def fit_dequantized(
         checkpointing=_checkpointing(checkpoint_dir, keep_checkpoints, resume, fingerprint, who),
     )
     return _history(run, split)
+
+
+def _check_inputs(flow, levels, validation, num_levels, dequantizer, who: str):
+    """The checked training and validation levels (float32), ``K`` and the noise flow."""
+    if not isinstance(flow, Flow):
+        raise ValueError(f"{who}: expected an nflax Flow, received {type(flow).__name__}")
+    k = check_num_levels(num_levels)
+    x = check_levels(levels, k, flow.event_shape)
+    x_val = None
+    if validation is not None:
+        x_val = check_levels(validation, k, flow.event_shape, "validation")
+    return x, x_val, k, check_dequantizer(dequantizer, flow.event_shape, who)
+
+
+def _rows(x: np.ndarray, x_val: np.ndarray | None, batch_size: int | None, who: str) -> _Split:
+    """The rows as :func:`nflax.fit` holds them (training, validation; no context), and the
+    minibatch plan: ``batch_size`` rows (at most all of them) per step."""
+    n = len(x)
+    bsz = n if batch_size is None else min(positive_int("batch_size", batch_size, who), n)
+    rows = (jnp.asarray(x), None if x_val is None else jnp.asarray(x_val), None, None, None)
+    return _Split(rows, np.zeros(0, np.int64), n, bsz, bsz == n)
 
 
 def _initialize_from_data(flow: Flow, noise: Flow | None, x: np.ndarray, k: int, key) -> None:
