@@ -45,6 +45,10 @@ def test_a_density_that_is_one_on_the_unit_cube_gives_log2_of_the_levels(digits_
     iw = importance_weighted_nll(flat, test, 17, key=jax.random.key(1), num_samples=5)
     assert bits_per_dim(-float(bound.mean()), 64, num_levels=None) == pytest.approx(LOG2_17, 1e-6)
     assert bits_per_dim(iw.mean(), (8, 8, 1), num_levels=None) == pytest.approx(LOG2_17, 1e-6)
+    compiled = nflax.metrics._iw_program._cache_size()  # 360 rows: 256 + 104 padded to 256
+    again = importance_weighted_nll(flat, test[::-1], 17, key=jax.random.key(2), num_samples=5)
+    assert nflax.metrics._iw_program._cache_size() == compiled  # one program, reused
+    np.testing.assert_allclose(again, 64 * math.log(17), rtol=1e-6)
     assert bits_per_dim(0.0, 64, num_levels=17) == pytest.approx(4.087462841, abs=1e-9)
     per_point = bits_per_dim(np.array([0.0, -64 * math.log(2)]), 64, num_levels=17)
     np.testing.assert_allclose(per_point, [LOG2_17, LOG2_17 - 1])  # an array in, an array out
@@ -180,6 +184,7 @@ def test_uniform_dequantized_fit_on_digits_beats_the_uniform_levels(digits_flat)
     assert bits_per_dim(hist.best_loss, 64, num_levels=None) < 3.0  # nats per image in History
 
 
+@pytest.mark.slow
 def test_variational_dequantization_trains_both_flows_and_gives_a_finite_bound(digits_flat):
     train, val, test = digits_flat
     flow = nflax.flows.realnvp(64, num_layers=2, hidden=(32,), actnorm=True, rngs=nnx.Rngs(0))
@@ -206,22 +211,32 @@ def test_variational_dequantization_trains_both_flows_and_gives_a_finite_bound(d
 
 
 def test_a_resumed_variational_run_equals_an_uninterrupted_one(tmp_path):
-    """Checkpoints and exact resume are the engine's: the noise of step t comes from the key
-    and t alone, so 20 steps resumed to 40 give the parameters of 40 steps in one go."""
+    """Both flows train, and checkpoints and exact resume are the engine's: the noise of step
+    t comes from the key and t alone, so 20 steps resumed to 40 give the parameters of 40
+    steps in one go."""
     x = np.random.default_rng(0).integers(0, 4, (48, 3))
 
-    def run(steps, directory, resume=False):
+    def flows():
         flow = nflax.flows.realnvp(3, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
         q = nflax.flows.realnvp(3, num_layers=2, hidden=(8,), context_dim=3, rngs=nnx.Rngs(1))
-        hist = fit_dequantized(flow, x, 4, key=jax.random.key(0), steps=steps, dequantizer=q,
-                               batch_size=16, validation=x[:8], checkpoint_dir=directory,
-                               checkpoint_every=20, resume=resume, progress=False)  # fmt: skip
-        return hist, jax.tree.leaves(nnx.state(Dequantized(flow, q), nnx.Param))
+        return Dequantized(flow, q)
+
+    def run(steps, directory, resume=False):
+        joint = flows()
+        hist = fit_dequantized(joint.flow, x, 4, key=jax.random.key(0), steps=steps,
+                               dequantizer=joint.dequantizer, batch_size=16, validation=x[:8],
+                               checkpoint_dir=directory, checkpoint_every=20, resume=resume,
+                               progress=False)  # fmt: skip
+        return hist, jax.tree.leaves(nnx.state(joint, nnx.Param))
 
     whole, params = run(40, tmp_path / "whole")
+    start = jax.tree.leaves(nnx.state(flows(), nnx.Param))
+    moved = [float(np.abs(a - b).max()) for a, b in zip(params, start, strict=True)]
+    assert min(moved) > 1e-4  # every parameter of both flows was trained, in place
     run(20, tmp_path / "half")
     resumed, params_resumed = run(40, tmp_path / "half", resume=True)
     np.testing.assert_array_equal(resumed.loss, whole.loss)
+    assert resumed.chunk_program == "reused"  # one compiled program served all three runs
     for a, b in zip(params, params_resumed, strict=True):
         np.testing.assert_array_equal(a, b)
 
