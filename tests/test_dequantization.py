@@ -249,9 +249,9 @@ def test_bad_levels_and_settings_name_what_was_wrong():
     cases = [
         (np.array([[0, 1.5, 2]]), r"levels: 1 value\(s\) not an integer level; the first is "
          r"1.5 at index \(0, 1\)"),
-        (np.array([[0, 1, 4]]), r"outside 0..3 \(num_levels=4\); the first is 4.0 at index "
+        (np.array([[0, 1, 4]]), r"outside 0..3 \(num_levels=4\); the first is 4 at index "
          r"\(0, 2\)"),
-        (np.array([[0, -1, 2]]), r"outside 0..3 \(num_levels=4\); the first is -1.0"),
+        (np.array([[0, -1, 2]]), r"outside 0..3 \(num_levels=4\); the first is -1 at"),
         (np.array([[0, np.nan, 2]]), "not an integer level; the first is nan"),
         (np.zeros((2, 4)), r"expected shape \(n, 3\) with n ≥ 1 for a flow with event shape "
          r"\(3,\), received \(2, 4\)"),

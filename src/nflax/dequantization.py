@@ -60,17 +60,20 @@ def check_levels(levels, num_levels: int, event_shape, name: str = "levels") -> 
     """``levels`` as float32 after checking: shape ``(n, *event_shape)``, integer values in
     ``0 … num_levels − 1``. Every error names ``name`` and what was wrong."""
     k = check_num_levels(num_levels)
-    try:
-        arr = np.asarray(levels, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name}: not a numeric array ({e})") from None
+    arr = np.asarray(levels)
+    if arr.dtype.kind not in "biuf":  # integers are checked as they are (MNIST: 47M values)
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: not a numeric array ({e})") from None
     event = tuple(event_shape)
     if arr.ndim != len(event) + 1 or arr.shape[1:] != event or arr.shape[0] == 0:
         raise ValueError(
             f"{name}: expected shape (n, {', '.join(map(str, event))}) with n ≥ 1 for a flow "
             f"with event shape {event}, received {arr.shape}"
         )
-    _first_bad(name, arr, ~np.isfinite(arr) | (arr != np.round(arr)), "not an integer level")
+    if arr.dtype.kind == "f":
+        _first_bad(name, arr, ~np.isfinite(arr) | (arr != np.round(arr)), "not an integer level")
     _first_bad(name, arr, (arr < 0) | (arr > k - 1), f"outside 0..{k - 1} (num_levels={k})")
     return arr.astype(np.float32)
 
@@ -79,7 +82,7 @@ def _first_bad(name: str, arr: np.ndarray, bad: np.ndarray, what: str) -> None:
     if bad.any():
         where = np.argwhere(bad)[0]
         raise ValueError(
-            f"{name}: {int(bad.sum())} value(s) {what}; the first is {float(arr[tuple(where)])} at "
+            f"{name}: {int(bad.sum())} value(s) {what}; the first is {arr[tuple(where)].item()} at "
             f"index {tuple(int(i) for i in where)}"
         )
 
