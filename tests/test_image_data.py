@@ -46,7 +46,7 @@ def test_mnist_5k_shape_levels_and_split():
 
 def test_unknown_names_and_folders_are_named():
     with pytest.raises(ValueError, match="unknown image dataset 'cifar'; known image datasets: "
-                       "digits, mnist, mnist_5k"):  # fmt: skip
+                       "digits, fashion_mnist, mnist, mnist_5k"):  # fmt: skip
         load_images("cifar")
     with pytest.raises(ValueError, match="'mnist' is read from a folder: pass data_dir="):
         load_images("mnist")
@@ -54,7 +54,7 @@ def test_unknown_names_and_folders_are_named():
         ValueError, match="'digits' ships with its package; it takes no data_dir or options"
     ):
         load_images("digits", data_dir="/tmp")
-    assert nflax.datasets.image_names() == ["digits", "mnist", "mnist_5k"]
+    assert nflax.datasets.image_names() == ["digits", "fashion_mnist", "mnist", "mnist_5k"]
 
 
 def test_a_missing_package_says_how_to_install_it(monkeypatch):
@@ -110,6 +110,8 @@ def test_mnist_idx_round_trip_gzip_or_not(tmp_path, gz):
     np.testing.assert_array_equal(data.train_labels, arrays["train"][1][:5])
     assert data.num_levels == 256 and data.event_shape == (4, 5, 1)
     assert load_images("mnist", data_dir=tmp_path, validation=1).validation.shape == (1, 4, 5, 1)
+    fashion = load_images("fashion_mnist", data_dir=tmp_path, validation=2)  # same file names
+    assert fashion.name == "fashion_mnist" and fashion.train.shape == (5, 4, 5, 1)
     with pytest.raises(ValueError, match=r"validation must be in \[0, 7\), received 5000"):
         load_images("mnist", data_dir=tmp_path)  # the default 5000 is MNIST's
 

@@ -267,18 +267,23 @@ def mnist(path: str | os.PathLike, *, validation: int = 5000, name: str = "mnist
     )
 
 
-IMAGE_DATASETS = {"digits": digits, "mnist_5k": mnist_5k, "mnist": mnist}
-_NEEDS_FOLDER = {"mnist"}
+IMAGE_DATASETS = {
+    "digits": digits,
+    "mnist_5k": mnist_5k,
+    "mnist": mnist,
+    "fashion_mnist": functools.partial(mnist, name="fashion_mnist"),  # the same file names
+}
+_NEEDS_FOLDER = {"mnist", "fashion_mnist"}
 
 
 def image_names() -> list[str]:
-    """The known image data set names (``mnist`` needs ``data_dir``)."""
+    """The known image data set names (``mnist`` and ``fashion_mnist`` need ``data_dir``)."""
     return sorted(IMAGE_DATASETS)
 
 
 def load_images(name: str, data_dir: str | os.PathLike | None = None, **options) -> ImageData:
-    """The image data set ``name``: ``"digits"``, ``"mnist_5k"``, or ``"mnist"`` (MNIST or
-    Fashion-MNIST IDX files in ``data_dir``; ``options`` go to :func:`mnist`, e.g.
+    """The image data set ``name``: ``"digits"``, ``"mnist_5k"``, or ``"mnist"`` /
+    ``"fashion_mnist"`` (IDX files in ``data_dir``; ``options`` go to :func:`mnist`, e.g.
     ``validation=``). An unknown name raises ``ValueError`` listing the known ones."""
     if name not in IMAGE_DATASETS:
         raise ValueError(
