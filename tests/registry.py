@@ -22,11 +22,17 @@ from nflax.bijections import (
 from nflax.bijections.autoregressive import MaskedAutoregressive
 from nflax.bijections.coupling import AdditiveCoupling, SplineCoupling, half_mask
 from nflax.bijections.elementwise import Affine, Logit, Sigmoid, Tanh
+from nflax.bijections.image import (
+    Invertible1x1Conv,
+    Squeeze,
+    channel_mask,
+    checkerboard_mask,
+)
 from nflax.bijections.linear import LULinear, Permute, Reverse
 from nflax.bijections.normalization import ActNorm, BatchNorm
 from nflax.bijections.planar import Planar, Radial
 from nflax.bijections.splines import num_spline_params
-from nflax.nets import MLP
+from nflax.nets import MLP, ConvResNet
 
 
 def _coupling(dim, rngs, parity=0, context_dim=None):
@@ -127,7 +133,8 @@ IDENTITY_AT = {"Permute": {1}, "Reverse": {1}}
 NO_GRADIENT = [
     (1, True, ("conditioner", "hidden", 0, "kernel")),
     (1, False, ("made", "hidden", 0, "kernel")),
-    # LULinear: the strictly triangular parts of a 1×1 matrix are empty
+    # LULinear, Invertible1x1Conv (dim = channels for images): the strictly triangular parts
+    # of a 1×1 matrix are empty
     (1, False, ("lower",)),
     (1, False, ("upper",)),
 ]
@@ -143,4 +150,55 @@ CONDITIONAL = {
     "maf_affine_layer": lambda d, r, c: _maf(d, r, c),
     "iaf": lambda d, r, c: _flow("iaf", d, r, c, num_layers=2),
     "nsf_autoregressive": lambda d, r, c: _nsf(d, r, c, "autoregressive"),
+}
+
+
+# -- images: event shape (H, W, C) ------------------------------------------------------------
+# name -> (factory (event_shape, rngs) -> Bijection, the event shapes it is tested at). The
+# contract test feeds each bijection inputs of its own event_shape, so a layer whose data side
+# is latent-shaped (an inverted squeeze) needs no special case.
+IMAGE_SHAPES = [(4, 4, 2), (2, 2, 1)]
+
+
+def _image_coupling(mask, rngs, context_dim=None):
+    c = mask.shape[-1]
+    net = ConvResNet(c + (context_dim or 0), 2 * c, width=8, blocks=1, rngs=rngs)
+    return AffineCoupling(mask, net, context_dim=context_dim)
+
+
+def _to_unit(shape, layers):
+    """Real inputs squashed into (0, 1) first, for layers that take data in [0, 1]."""
+    return Chain([Affine(shape, log_scale=math.log(4.0)), Sigmoid(shape), *layers])
+
+
+def _image_flow(name, shape, rngs, **kw):
+    return nflax.flows.build(name, event_shape=shape, hidden=8, blocks=1, rngs=rngs, **kw)
+
+
+IMAGE_REGISTRY = {
+    "squeeze": (lambda s, r: Chain([Affine(s), Squeeze(s)]), IMAGE_SHAPES),
+    "invert_squeeze": (lambda s, r: Invert(Chain([Affine(s), Squeeze(s)])), [(4, 4, 2)]),
+    "checkerboard_coupling": (
+        lambda s, r: _image_coupling(checkerboard_mask(s), r), IMAGE_SHAPES
+    ),
+    "checkerboard_coupling_odd": (
+        lambda s, r: _image_coupling(checkerboard_mask(s, 1), r), IMAGE_SHAPES
+    ),
+    "channel_coupling": (lambda s, r: _image_coupling(channel_mask(s, 1), r), [(4, 4, 2)]),
+    "conv1x1": (lambda s, r: Invertible1x1Conv(s, rngs=r), IMAGE_SHAPES),
+    "actnorm_image": (lambda s, r: ActNorm(s), IMAGE_SHAPES),
+    "logit_image": (lambda s, r: _to_unit(s, [Logit(s, alpha=0.05)]), IMAGE_SHAPES),
+    "realnvp_image": (
+        lambda s, r: _image_flow(
+            "realnvp_image", s, r, depth=1, split_prior=True, logit=False
+        ).bijection,
+        IMAGE_SHAPES,
+    ),
+    "glow": (
+        lambda s, r: _to_unit(s, [_image_flow("glow", s, r, depth=2).bijection]), IMAGE_SHAPES
+    ),
+}
+# Conditional image layers: factory (event_shape, rngs, context_dim) -> Bijection.
+IMAGE_CONDITIONAL = {
+    "checkerboard_coupling": lambda s, r, c: _image_coupling(checkerboard_mask(s), r, c),
 }

@@ -41,7 +41,7 @@ def test_additive_coupling_preserves_volume_and_passes_the_mask_through():
 
 
 def test_coupling_errors_name_the_layer():
-    with pytest.raises(ValueError, match="AdditiveCoupling: mask must be a non-empty 1D array"):
+    with pytest.raises(ValueError, match="AdditiveCoupling: mask must be a non-empty array of 0/1"):
         AdditiveCoupling([0.0, 2.0], MLP(2, 2, rngs=nnx.Rngs(0)))
     layer = AdditiveCoupling(half_mask(3), MLP(3, 6, hidden=(4,), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="AdditiveCoupling: conditioner must output dim = 3"):

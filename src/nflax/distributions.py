@@ -316,10 +316,11 @@ class Flow(nnx.Module):
         embedding: nnx.Module | None = None,
         spec: str | None = None,
     ):
-        if tuple(base.event_shape) != tuple(bijection.event_shape):
+        if tuple(base.event_shape) != bijection.latent_shape:
             raise ValueError(
                 f"Flow: base event shape {tuple(base.event_shape)} does not match the "
-                f"bijection's event shape {tuple(bijection.event_shape)}"
+                f"bijection's latent shape {bijection.latent_shape} (its output; data event "
+                f"shape {tuple(bijection.event_shape)})"
             )
         self.base = base
         self.bijection = bijection
@@ -370,24 +371,34 @@ class Flow(nnx.Module):
         z, log_det = self.bijection.forward(x, c)
         return self.base.log_prob(z, c) + log_det
 
-    def sample(self, key: Array, n: int, context: Array | None = None) -> Array:
+    def sample(
+        self, key: Array, n: int, context: Array | None = None, *, temperature: float = 1.0
+    ) -> Array:
         """``n`` samples (noise → data): shape ``(n, *event)``, or ``(*rows, n, *event)`` for
-        a context of shape ``(*rows, context_dim)`` (``n`` samples per context row)."""
-        return self.sample_and_log_prob(key, n, context)[0]
+        a context of shape ``(*rows, context_dim)`` (``n`` samples per context row).
 
-    def _noise(self, key, n, context):
+        ``temperature`` ``T > 0`` scales the noise, ``z = T·ε`` with ``ε`` drawn from the base
+        (for the standard normal base, ``z ~ N(0, T²I)``; Glow samples at ``T ≈ 0.7``)."""
+        return self.sample_and_log_prob(key, n, context, temperature=temperature)[0]
+
+    def _noise(self, key, n, context, temperature: float = 1.0):
+        temperature = _checked_temperature(temperature)
         c = self._features(context)
         if c is None:
-            return self.base.sample(key, (int(n),)), None
+            return temperature * self.base.sample(key, (int(n),)), None
         rows = c.shape[:-1]
         c = jnp.broadcast_to(c[..., None, :], (*rows, int(n), c.shape[-1]))
-        return self.base.sample(key, (*rows, int(n)), c), c
+        return temperature * self.base.sample(key, (*rows, int(n)), c), c
 
     def sample_and_log_prob(
-        self, key: Array, n: int, context: Array | None = None
+        self, key: Array, n: int, context: Array | None = None, *, temperature: float = 1.0
     ) -> tuple[Array, Array]:
-        """Samples and their ``log p(x)`` in one inverse pass (no second forward pass)."""
-        z, c = self._noise(key, n, context)
+        """Samples and their ``log p(x)`` in one inverse pass (no second forward pass).
+
+        With a ``temperature`` ``T``, the samples come from the tempered noise ``z = T·ε``,
+        and the log-density returned is still the model's: ``log p(x) = log p_base(z) +
+        log|det ∂f/∂x|`` at the returned ``x`` (not the density of the tempered sampler)."""
+        z, c = self._noise(key, n, context, temperature)
         x, log_det_inv = self.bijection.inverse(z, c)
         return x, self.base.log_prob(z, c) - log_det_inv
 
@@ -403,6 +414,17 @@ class Flow(nnx.Module):
     def layer_names(self) -> list[str]:
         """Elementary layer names in forward order (``trajectory(x)[i + 1]`` follows layer i)."""
         return self.bijection.layer_names()
+
+
+def _checked_temperature(temperature) -> float:
+    if isinstance(temperature, jax.core.Tracer):
+        return temperature  # traced: the caller checked it
+    t = float(temperature)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(
+            f"Flow.sample: temperature must be positive and finite, received {temperature!r}"
+        )
+    return t
 
 
 # ---- compiled entry points: one program per flow structure and shape, reused ---------------

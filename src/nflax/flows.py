@@ -35,23 +35,31 @@ from nflax.bijections.transformers import SplineTransformer, Transformer
 from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
 from nflax.nets import MLP, get_activation
 
+# Flows over vectors, built with ``dim=``.
 CONSTRUCTORS: dict[str, Callable[..., Flow]] = {}
+# Flows over images, built with ``event_shape=(H, W, C)`` (:mod:`nflax.flows_image`).
+IMAGE_CONSTRUCTORS: dict[str, Callable[..., Flow]] = {}
 
 # Layer ``i`` of a stack, given the number of context features its conditioner sees (or None).
 LayerFactory = Callable[[int, "int | None"], Bijection]
 
 
-def register(fn: Callable[..., Flow]) -> Callable[..., Flow]:
-    """Register a constructor under its function name (used by checkpoints and the CLI)."""
-    CONSTRUCTORS[fn.__name__] = fn
+def register(
+    fn: Callable[..., Flow], registry: dict[str, Callable[..., Flow]] | None = None
+) -> Callable[..., Flow]:
+    """Register a constructor under its function name (used by checkpoints and the CLI), in
+    ``registry`` (default :data:`CONSTRUCTORS`, the vector flows)."""
+    (CONSTRUCTORS if registry is None else registry)[fn.__name__] = fn
     return fn
 
 
 def build(name: str, **kwargs) -> Flow:
-    """Build a registered flow by name, e.g. ``build("realnvp", dim=2, rngs=nnx.Rngs(0))``."""
-    if name not in CONSTRUCTORS:
-        raise ValueError(f"unknown flow {name!r}; known flows: {', '.join(sorted(CONSTRUCTORS))}")
-    return CONSTRUCTORS[name](**kwargs)
+    """Build a registered flow by name, e.g. ``build("realnvp", dim=2, rngs=nnx.Rngs(0))`` or
+    ``build("glow", event_shape=(8, 8, 1), rngs=nnx.Rngs(0))``."""
+    known = {**CONSTRUCTORS, **IMAGE_CONSTRUCTORS}
+    if name not in known:
+        raise ValueError(f"unknown flow {name!r}; known flows: {', '.join(sorted(known))}")
+    return known[name](**kwargs)
 
 
 # -- the spec, recorded from the signature -------------------------------------------------------
@@ -99,8 +107,11 @@ def _check_shared(name: str, values: dict) -> None:
         )
 
 
-def _constructor(fn: Callable[..., Flow]) -> Callable[..., Flow]:
-    """Register ``fn``, recording each call's spec from its signature.
+def _constructor(
+    fn: Callable[..., Flow], registry: dict[str, Callable[..., Flow]] | None = None
+) -> Callable[..., Flow]:
+    """Register ``fn`` (in ``registry``, see :func:`register`), recording each call's spec
+    from its signature.
 
     The call is bound to ``fn``'s signature with the defaults filled in; every argument is
     coerced to the type its annotation names (:func:`_coerce`), the shared ones are checked
@@ -125,7 +136,7 @@ def _constructor(fn: Callable[..., Flow]) -> Callable[..., Flow]:
         flow.spec = json.dumps({"constructor": fn.__name__, "kwargs": spec}, sort_keys=True)
         return flow
 
-    return register(recorded)
+    return register(recorded, registry)
 
 
 # -- the assembly helper -------------------------------------------------------------------------
@@ -418,3 +429,7 @@ def nsf(
             SplineCoupling, spline.num_params, dim, hidden, activation, rngs, **options
         )
     return _assemble(dim, num_layers, layer, rngs, context_dim, embedding, actnorm=actnorm)
+
+
+# The image flows register themselves in IMAGE_CONSTRUCTORS; re-exported here.
+from nflax.flows_image import glow, realnvp_image  # noqa: E402, F401

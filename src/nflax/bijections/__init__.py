@@ -12,6 +12,13 @@ from nflax.bijections.coupling import (
     random_mask,
 )
 from nflax.bijections.elementwise import Affine, LeakyReLU, Logit, Sigmoid, Tanh
+from nflax.bijections.image import (
+    Invertible1x1Conv,
+    MultiScale,
+    Squeeze,
+    channel_mask,
+    checkerboard_mask,
+)
 from nflax.bijections.linear import LULinear, Permute, Reverse
 from nflax.bijections.normalization import ActNorm, BatchNorm
 from nflax.bijections.planar import Planar, Radial
@@ -43,10 +50,12 @@ __all__ = [
     "Coupling",
     "DataInit",
     "Invert",
+    "Invertible1x1Conv",
     "LULinear",
     "LeakyReLU",
     "Logit",
     "MaskedAutoregressive",
+    "MultiScale",
     "Permute",
     "Planar",
     "Radial",
@@ -54,10 +63,13 @@ __all__ = [
     "Sigmoid",
     "SplineCoupling",
     "SplineTransformer",
+    "Squeeze",
     "Stack",
     "Tanh",
     "Transformer",
     "alternating_mask",
+    "channel_mask",
+    "checkerboard_mask",
     "half_mask",
     "num_spline_params",
     "random_mask",

@@ -27,12 +27,26 @@ class Bijection(nnx.Module):
     :meth:`inverse` check shapes once, here, and then call them.
 
     * ``x.shape == (*batch, *event_shape)``; the returned log-determinant has shape ``batch``.
+    * ``latent_shape`` is the event shape of the output of :meth:`forward` (the input of
+      :meth:`inverse`). It is ``event_shape`` unless a shape-changing layer (``Squeeze``, the
+      multi-scale composite) sets ``self._latent_shape``; the number of elements is the same.
     * ``context`` (conditional layers only) has shape ``(*batch, context_dim)`` or broadcasts
       to it. Unconditional layers ignore it, so a conditional flow can pass it to every layer.
     """
 
     event_shape: tuple[int, ...] = ()
     context_dim: int | None = None
+    _latent_shape: tuple[int, ...] | None = None
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Event shape of the latent side (forward output, inverse input)."""
+        latent = self._latent_shape
+        return tuple(self.event_shape) if latent is None else tuple(latent)
+
+    def _shape_on(self, direction: str) -> tuple[int, ...]:
+        """The event shape the input of ``direction`` has: data side or latent side."""
+        return self.latent_shape if direction.startswith("inverse") else tuple(self.event_shape)
 
     # -- the contract ---------------------------------------------------------------------
     def forward(self, x: Array, context: Array | None = None) -> tuple[Array, Array]:
@@ -67,7 +81,7 @@ class Bijection(nnx.Module):
     # -- checks ----------------------------------------------------------------------------
     def _check(self, x: Array, context: Array | None, direction: str) -> Array | None:
         name = type(self).__name__
-        event = tuple(self.event_shape)
+        event = self._shape_on(direction)
         k = len(event)
         shape = tuple(jnp.shape(x))
         if len(shape) < k or shape[len(shape) - k :] != event:
@@ -128,13 +142,16 @@ class Chain(Bijection):
         for i, b in enumerate(layers):
             if not isinstance(b, Bijection):
                 raise ValueError(f"Chain: layer {i} is a {type(b).__name__}, not a Bijection")
-            if tuple(b.event_shape) != tuple(layers[0].event_shape):
+            if i and tuple(b.event_shape) != layers[i - 1].latent_shape:
                 raise ValueError(
-                    f"Chain: layer {i} ({type(b).__name__}) has event shape {b.event_shape}, "
-                    f"expected {layers[0].event_shape} like layer 0"
+                    f"Chain: layer {i} ({type(b).__name__}) has event shape "
+                    f"{tuple(b.event_shape)}, expected {layers[i - 1].latent_shape}, the latent "
+                    f"shape of layer {i - 1} ({type(layers[i - 1]).__name__})"
                 )
         self.layers = nnx.List(layers)
         self.event_shape = tuple(layers[0].event_shape)
+        if layers[-1].latent_shape != self.event_shape:
+            self._latent_shape = layers[-1].latent_shape
         self.context_dim = _common_context_dim(layers)
 
     def _forward(self, x, context):
@@ -145,7 +162,7 @@ class Chain(Bijection):
         return x, total
 
     def _inverse(self, z, context):
-        total = jnp.zeros(z.shape[: z.ndim - len(self.event_shape)], z.dtype)
+        total = jnp.zeros(z.shape[: z.ndim - len(self.latent_shape)], z.dtype)
         for b in reversed(self.layers):
             z, ld = b.inverse(z, context)
             total = total + ld
@@ -173,14 +190,17 @@ class Invert(Bijection):
     """Swap the directions of a bijection: ``Invert(b).forward = b.inverse`` and vice versa.
 
     forward: ``z = b⁻¹(x)`` with log-det ``log|det J_{b⁻¹}(x)|``; inverse: ``x = b(z)``.
-    This turns a MAF (fast density) into an IAF (fast sampling).
+    This turns a MAF (fast density) into an IAF (fast sampling). The event and latent shapes
+    swap: ``Invert(b).event_shape == b.latent_shape``.
     """
 
     def __init__(self, bijection: Bijection):
         if not isinstance(bijection, Bijection):
             raise ValueError(f"Invert: expected a Bijection, received {type(bijection).__name__}")
         self.bijection = bijection
-        self.event_shape = tuple(bijection.event_shape)
+        self.event_shape = bijection.latent_shape
+        if tuple(bijection.event_shape) != self.event_shape:
+            self._latent_shape = tuple(bijection.event_shape)
         self.context_dim = bijection.context_dim
 
     def _forward(self, x, context):
@@ -203,7 +223,8 @@ class Stack(Bijection):
     """``n`` structurally identical layers, parameters stacked, run with ``jax.lax.scan``.
 
     Mathematically the same as ``Chain(layers)``. The layers may differ in their array values
-    (weights, masks stored as :class:`Buffer`), not in structure. State that a layer mutates
+    (weights, masks stored as :class:`Buffer`), not in structure, and must keep the shape of
+    their input (``latent_shape == event_shape``: a scan carries one shape). State that a layer mutates
     during a call (running statistics, data-dependent initialisation) is carried out of the
     scan and written back to each layer.
 
@@ -242,6 +263,13 @@ class Stack(Bijection):
         layers = list(layers)
         if not layers:
             raise ValueError("Stack: needs at least one layer, received an empty list")
+        if layers[0].latent_shape != tuple(layers[0].event_shape):
+            raise ValueError(
+                f"Stack: layers must keep the shape of their input (a scan carries one shape); "
+                f"layer 0 ({type(layers[0]).__name__}) maps event shape "
+                f"{tuple(layers[0].event_shape)} to latent shape {layers[0].latent_shape}; "
+                "use Chain for shape-changing layers"
+            )
         graphdef, first = nnx.split(layers[0])
         states = [first]
         for i, b in enumerate(layers[1:], start=1):

@@ -68,8 +68,10 @@ def random_mask(dim: int, key: jax.Array) -> np.ndarray:
 
 def _checked_mask(name: str, mask) -> np.ndarray:
     mask = np.asarray(mask, np.float32)
-    if mask.ndim != 1 or mask.size == 0 or not np.all((mask == 0) | (mask == 1)):
-        raise ValueError(f"{name}: mask must be a non-empty 1D array of 0/1, received {mask}")
+    if mask.ndim < 1 or mask.size == 0 or not np.all((mask == 0) | (mask == 1)):
+        raise ValueError(
+            f"{name}: mask must be a non-empty array of 0/1 of the event shape, received {mask}"
+        )
     if np.all(mask == 1):
         raise ValueError(
             f"{name}: mask {mask.tolist()} is all ones, so no coordinate would be transformed "
@@ -85,6 +87,12 @@ class Coupling(TransformerLayer):
     conditioner predicts ``θ = net(m ⊙ x [, context])``, ``dim · P`` numbers read as
     ``(dim, P)`` (``P = transformer.num_params``, the parameters of each coordinate in turn);
     the rows of the conditioning coordinates are ignored.
+
+    The event shape is the mask's: ``(dim,)`` for vectors, ``(H, W, C)`` for images (e.g.
+    :func:`~nflax.bijections.image.checkerboard_mask`). The conditioner then maps
+    ``(*batch, H, W, C)`` to ``(*batch, H, W, C·P)`` (a conv net), read as ``(C, P)`` per
+    pixel; a context is broadcast over the pixels and concatenated as extra channels; the
+    transformer's own variables (the affine's ``c``) are per channel.
 
     forward (data → latent):   ``z_i = x_i`` if ``m_i = 1`` else ``τ(x_i; θ_i)``,
                                ``log|det J| = Σ_{i: m_i=0} log τ'(x_i; θ_i)``
@@ -117,19 +125,23 @@ class Coupling(TransformerLayer):
         mask = _checked_mask(name, mask)
         if context_dim is not None and int(context_dim) < 1:
             raise ValueError(f"{name}: context_dim must be ≥ 1 or None, received {context_dim}")
-        self.event_shape = (mask.shape[0],)
+        self.event_shape = tuple(mask.shape)
         self.context_dim = None if context_dim is None else int(context_dim)
         self.mask = Buffer(jnp.asarray(mask))
         self.conditioner = conditioner
-        self._set_transformer(get_transformer(transformer, name), mask.shape[0])
+        self._set_transformer(get_transformer(transformer, name), mask.shape[-1])
 
     def _condition(self, x: Array, context: Array | None) -> Array:
-        """Conditioner output for ``m ⊙ x`` (and the context), checked to be ``dim·P``."""
+        """Conditioner output for ``m ⊙ x`` (and the context, broadcast over the positions of
+        an image), checked to have ``dim·P`` features (``dim``: the last event axis)."""
         h = x * self.mask[...]
         if context is not None and self.context_dim is not None:
-            h = jnp.concatenate([h, context.astype(h.dtype)], axis=-1)
+            inner = (1,) * (len(self.event_shape) - 1)
+            c = context.reshape(*context.shape[:-1], *inner, context.shape[-1])
+            c = jnp.broadcast_to(c, (*h.shape[:-1], context.shape[-1]))
+            h = jnp.concatenate([h, c.astype(h.dtype)], axis=-1)
         out = self.conditioner(h)
-        dim, per_dim = self.event_shape[0], self.transformer.num_params
+        dim, per_dim = self.event_shape[-1], self.transformer.num_params
         if out.shape[-1] != per_dim * dim:
             what = "dim" if per_dim == 1 else f"dim*{per_dim} = {dim}*{per_dim}"
             raise ValueError(
@@ -140,13 +152,13 @@ class Coupling(TransformerLayer):
 
     def _params(self, out: Array) -> tuple:
         """The transformer's parameter parts from the conditioner output ``(*batch, dim·P)``."""
-        theta = out.reshape(*out.shape[:-1], self.event_shape[0], self.transformer.num_params)
+        theta = out.reshape(*out.shape[:-1], self.event_shape[-1], self.transformer.num_params)
         return split_params(theta, self.transformer.sizes, type(self).__name__)
 
     def _apply(self, v: Array, context: Array | None, inverse: bool) -> tuple[Array, Array]:
         m = self.mask[...]
         y, ld = self._transform(v, self._params(self._condition(v, context)), inverse)
-        return m * v + (1 - m) * y, sum_event((1 - m) * ld, 1)
+        return m * v + (1 - m) * y, sum_event((1 - m) * ld, len(self.event_shape))
 
     def _forward(self, x, context):
         return self._apply(x, context, inverse=False)
@@ -169,7 +181,8 @@ class AffineCoupling(Coupling):
     ``s, t`` depend only on ``m ⊙ x = m ⊙ z``, so the inverse is exact.
 
     ``conditioner`` maps ``(*batch, dim [+ context_dim])`` to ``(*batch, 2·dim)`` (first half
-    ``s̃``, second half ``t``), e.g. :class:`nflax.nets.MLP`. This is :class:`Coupling` with the
+    ``s̃``, second half ``t``), e.g. :class:`nflax.nets.MLP`; on images ``(*batch, H, W, C)``
+    to ``(*batch, H, W, 2C)``, e.g. :class:`nflax.nets.ConvResNet`. This is :class:`Coupling` with the
     :class:`~nflax.bijections.transformers.AffineTransformer`, whose parameters are
     ``(μ, α̃) = (−t, −s̃)`` (so ``α = −s``).
     """
@@ -184,7 +197,7 @@ class AffineCoupling(Coupling):
         super().__init__(mask, conditioner, AffineTransformer(), context_dim=context_dim)
 
     def _params(self, out):
-        dim = self.event_shape[0]
+        dim = self.event_shape[-1]
         s, t = out[..., :dim], out[..., dim:]
         return -t[..., None], -s[..., None]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -170,25 +171,40 @@ class Sigmoid(Bijection):
 class Logit(Bijection):
     r"""The logit, ``(0, 1)`` → real line: the inverse of :class:`Sigmoid`; no parameters.
 
-    Use it first in a flow for data in the unit box (pixel intensities, proportions).
+    Use it first in a flow for data in the unit box (pixel intensities, proportions). With
+    ``alpha`` ``α ∈ [0, ½)`` the data are first pulled into ``[α, 1 − α]`` (RealNVP's image
+    preprocessing), ``u = α + (1 − 2α)·x``, so pixels at exactly 0 or 1 map to ``∓logit α``:
 
-    forward (data → latent):   ``z = logit(x) = log x − log(1 − x)``,
-                               ``log|det J| = −Σ_i [log x_i + log(1 − x_i)]``
-    inverse (latent → data):   ``x = σ(z)``,
-                               ``log|det J⁻¹| = Σ_i log σ(z_i) + log σ(−z_i)``
+    forward (data → latent):   ``z = logit(u) = log u − log(1 − u)``,
+                               ``log|det J| = Σ_i [log(1 − 2α) − log u_i − log(1 − u_i)]``
+    inverse (latent → data):   ``x = (σ(z) − α) / (1 − 2α)``,
+                               ``log|det J⁻¹| = Σ_i [log σ(z_i) + log σ(−z_i) − log(1 − 2α)]``
 
-    Domain: the forward pass is defined on ``(0, 1)`` only; it clamps ``x`` to ``[ε, 1 − ε]``
-    (``ε = finfo(dtype).eps``) before the logs, so data at exactly 0 or 1 give a finite, large
-    ``|z|`` rather than ``±inf`` (rescale such data into the open interval first).
+    Any event shape (vectors, images). Domain: the forward pass is defined for ``u ∈ (0, 1)``;
+    it clamps ``u`` to ``[ε, 1 − ε]`` (``ε = finfo(dtype).eps``) before the logs, so data at
+    exactly 0 or 1 with ``α = 0`` give a finite, large ``|z|`` rather than ``±inf``.
+
+    >>> Logit((1, 2, 1), alpha=0.05).forward(jnp.zeros((1, 2, 1)))[0].ravel().tolist()
+    [-2.944438934326172, -2.944438934326172]
     """
 
-    def __init__(self, event_shape: int | Sequence[int]):
+    def __init__(self, event_shape: int | Sequence[int], *, alpha: float = 0.0):
         self.event_shape = _shape(event_shape)
+        if not 0.0 <= float(alpha) < 0.5:
+            raise ValueError(f"Logit: alpha must be in [0, 0.5), received {alpha!r}")
+        self.alpha = float(alpha)
+
+    def _log_det_shift(self) -> float:
+        """``Σ_i log(1 − 2α)`` over one event (0 without rescaling)."""
+        return math.prod(self.event_shape) * math.log1p(-2.0 * self.alpha)
 
     def _forward(self, x, context):
-        x = _clamp_open_unit(x, 0.0)
-        log_x, log_1mx = jnp.log(x), jnp.log1p(-x)
-        return log_x - log_1mx, -sum_event(log_x + log_1mx, len(self.event_shape))
+        u = _clamp_open_unit(self.alpha + (1.0 - 2.0 * self.alpha) * x, 0.0)
+        log_u, log_1mu = jnp.log(u), jnp.log1p(-u)
+        ld = self._log_det_shift() - sum_event(log_u + log_1mu, len(self.event_shape))
+        return log_u - log_1mu, ld
 
     def _inverse(self, z, context):
-        return jax.nn.sigmoid(z), sum_event(_log_sigmoid_derivative(z), len(self.event_shape))
+        x = (jax.nn.sigmoid(z) - self.alpha) / (1.0 - 2.0 * self.alpha)
+        ld = sum_event(_log_sigmoid_derivative(z), len(self.event_shape))
+        return x, ld - self._log_det_shift()
