@@ -1,6 +1,8 @@
-"""Pictures of flows: layer-by-layer trajectories, densities, samples and loss curves.
+"""Pictures of flows: layer-by-layer trajectories, densities, samples, loss curves and image
+grids.
 
-Every function returns a matplotlib ``Figure`` and never calls ``plt.show``; save it with
+Every function returns a matplotlib ``Figure`` (:func:`image_grid` draws on the axes it is
+given) and never calls ``plt.show``; save it with
 ``fig.savefig(path)``. Headless use needs no setup (nflax selects no backend itself; set
 ``MPLBACKEND=Agg`` where there is no display).
 """
@@ -337,25 +339,30 @@ def _label_axes(ax, labels: Sequence[str] | None) -> None:
         ax.set_ylabel(labels[1], fontsize=8)
 
 
-def plot_history(history: History) -> Figure:
-    """Training (and validation) NLL per step, with the best step marked."""
+def plot_history(history: History, *, bits_per_dim: int | None = None) -> Figure:
+    """Training (and validation) NLL per step, with the best step marked: in nats per point,
+    or with ``bits_per_dim=D`` in bits per dimension, ``NLL / (D ln 2)`` (for a loss that is
+    already the discrete NLL, as :func:`nflax.fit_dequantized`'s)."""
     fig = Figure(figsize=(5, 3.2), layout="constrained")
     ax = fig.subplots()
-    loss = np.asarray(history.loss)
-    ax.plot(np.arange(len(loss)), loss, lw=0.8, label="train NLL")
-    if len(history.val_loss):
-        ax.plot(history.val_steps, history.val_loss, lw=1.2, label="validation NLL")
+    scale = 1.0 if bits_per_dim is None else 1.0 / (int(bits_per_dim) * math.log(2))
+    unit = "NLL (nats)" if bits_per_dim is None else "bits/dim"
+    loss = np.asarray(history.loss) * scale
+    val_loss = np.asarray(history.val_loss, np.float64) * scale
+    ax.plot(np.arange(len(loss)), loss, lw=0.8, label=f"train {unit}")
+    if len(val_loss):
+        ax.plot(history.val_steps, val_loss, lw=1.2, label=f"validation {unit}")
     if history.best_step is not None and history.restored_best:
         ax.axvline(history.best_step, color="k", ls=":", lw=0.8, label="best")
     finite = loss[np.isfinite(loss)]
     if finite.size:
         lo = float(np.min(finite))
         hi = float(np.quantile(finite, 0.98))
-        if len(history.val_loss):
-            lo = min(lo, float(np.nanmin(history.val_loss)))
-            hi = max(hi, float(np.nanquantile(history.val_loss, 0.98)))
+        if len(val_loss):
+            lo = min(lo, float(np.nanmin(val_loss)))
+            hi = max(hi, float(np.nanquantile(val_loss, 0.98)))
         _set_ylim(ax, lo, hi, 0.05)
-    _label_steps(ax, history, "NLL (nats)")
+    _label_steps(ax, history, unit)
     ax.legend(fontsize=8)
     if not math.isnan(history.steps_per_second):
         ax.text(
@@ -482,3 +489,36 @@ def plot_conditional_density(
             ax.set_title(f"{what}, context {np.array2string(ctx, precision=2)}", fontsize=9)
             ax.tick_params(labelsize=7)
     return fig
+
+
+def image_grid(ax, images, *, ncols: int | None = None, title: str | None = None) -> None:
+    """Draw ``images`` (shape ``(n, H, W, C)``, ``C`` 1 or 3, values in ``[0, 1]``; values
+    outside are clipped) on the axes ``ax`` as one mosaic of ``ncols`` columns (default: a
+    near-square grid), one pixel of gap between images, grey for one channel.
+
+    >>> fig = Figure()
+    >>> image_grid(fig.subplots(), np.zeros((6, 8, 8, 1)), ncols=3, title="zeros")
+    >>> fig.axes[0].images[0].get_array().shape  # 2 rows × 3 columns of 8×8, 1-pixel gaps
+    (17, 26)
+    """
+    images = np.asarray(images, np.float64)
+    if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"image_grid: expected images of shape (n, H, W, C) with n ≥ 1 and C 1 or 3, "
+            f"received {images.shape}"
+        )
+    n, h, w, c = images.shape
+    cols = int(ncols) if ncols is not None else math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    mosaic = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, c))
+    for i, img in enumerate(np.clip(np.nan_to_num(images, nan=1.0), 0.0, 1.0)):
+        r, q = divmod(i, cols)
+        mosaic[r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = img
+    if c == 1:
+        ax.imshow(mosaic[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, fontsize=9)

@@ -1,5 +1,6 @@
 """The figures of a run folder: ``trajectory.png``, ``samples.png``, ``loss.png`` and, in one
-and two dimensions, ``density.png``."""
+and two dimensions, ``density.png``; an image run's ``samples.png`` (grids at two
+temperatures), ``reconstructions.png`` and ``loss.png`` (bits/dim)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from matplotlib.figure import Figure
 
 from nflax import plotting
 from nflax.runs.data import RunData
@@ -86,6 +88,28 @@ def vi_figures(out: Path, flow, target, history, samples: np.ndarray, key) -> No
             flow, xlim=lim, ylim=lim, true_log_prob=target.log_prob if exact else target.log_density
         )
     _save(out, figs)
+
+
+def image_figures(out: Path, flow, images, history, key, config: dict) -> None:
+    """An image run's figures: ``samples.png`` (a grid per temperature of
+    :data:`nflax.runs.images.TEMPERATURES`), ``reconstructions.png`` (``images``: test levels
+    and their reconstructions through the latent) and ``loss.png`` in bits/dim."""
+    from nflax.runs.images import TEMPERATURES, sample_images
+
+    shape, k = config["event_shape"], config["num_levels"]
+    n = len(images[0])
+    keys = jax.random.split(key, len(TEMPERATURES))
+    samples = Figure(figsize=(3.2 * len(TEMPERATURES), 3.4), layout="constrained")
+    for ax, t, kt in zip(samples.subplots(1, len(TEMPERATURES)), TEMPERATURES, keys, strict=True):
+        plotting.image_grid(ax, sample_images(flow, kt, n, t, shape), title=f"temperature {t}")
+    samples.suptitle(f"{config['flow']} on {config['dataset']}: samples", fontsize=10)
+    recon = Figure(figsize=(6.4, 3.4), layout="constrained")
+    for ax, levels, title in zip(
+        recon.subplots(1, 2), images, ("test images", "reconstructed from the latent"), strict=True
+    ):
+        plotting.image_grid(ax, np.reshape(levels, (n, *shape)) / (k - 1), title=title)
+    loss = plotting.plot_history(history, bits_per_dim=config["dim"])
+    _save(out, {"samples.png": samples, "reconstructions.png": recon, "loss.png": loss})
 
 
 def _save(out: Path, figs: dict) -> None:

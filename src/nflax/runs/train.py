@@ -21,6 +21,7 @@ from nflax.runs.common import build_flow, history_metrics, save_run
 from nflax.runs.data import RunData, load_run_data, process_block
 from nflax.runs.figures import train_figures
 from nflax.runs.folder import RunError, hold_run_folder, write_json
+from nflax.runs.images import train_images
 from nflax.training import default_optimizer, fit, nll
 
 # the test metrics that are NLLs (the data file's offset Σ log std is added to them)
@@ -43,10 +44,13 @@ def run_train(
     ``config`` holds the data (see :func:`describe_data`), ``flow`` and ``flow_kwargs``,
     ``seed``, ``num_points``, ``steps``, ``lr``, ``schedule``, ``weight_decay``,
     ``batch_size``, ``patience``, ``val_fraction``, ``checkpoint_every`` and ``devices``.
+    With ``images`` set, ``config`` is an image run's (:mod:`nflax.runs.images`).
     A new run writes it to ``config.json`` before training; ``resume=True`` continues from the
     folder's last training checkpoint. ``quiet`` silences the progress bar and summary line.
     """
     with hold_run_folder(out, fresh=not resume) as run:
+        if config.get("images"):  # an image set: dequantized training, bits/dim
+            return train_images(config, run, resume=resume, quiet=quiet, plots=plots)
         return _train(config, run, resume=resume, quiet=quiet, plots=plots)
 
 
