@@ -18,6 +18,7 @@ import numpy as np
 
 from nflax import datasets
 from nflax.datafiles import DataFileError, load_table, standardize
+from nflax.image_data import image_names
 from nflax.runs.folder import RunError
 
 NUM_TEST_POINTS = 16384  # test points drawn from a built-in set
@@ -84,7 +85,10 @@ def describe_data(
             cds = datasets.get_conditional(dataset)
             config = {"dataset": cds.name, "dim": cds.dim, "conditional": True}
             return DataSpec(config, cds.name, cds.context_dim)
-        ds = datasets.get(dataset)
+        try:
+            ds = datasets.get(dataset)
+        except ValueError as e:  # the image sets are known too (nflax.runs.images)
+            raise RunError(f"{e}; image sets: {', '.join(image_names())}") from None
         return DataSpec({"dataset": ds.name, "dim": ds.dim}, ds.name)
     except ValueError as e:  # DataFileError is a ValueError
         raise RunError(str(e)) from None

@@ -55,9 +55,14 @@ def describe_images(name: str, data_dir: str | None = None) -> dict:
 
 
 def load_images(name: str, data_dir: str | None = None) -> image_data.ImageData:
-    """:func:`nflax.image_data.load_images`, its errors as :class:`RunError`."""
+    """:func:`nflax.image_data.load_images`, its errors as :class:`RunError`. IDX files
+    (``data_dir``) keep the last ``min(5000, n // 10)`` of their ``n`` training images for
+    validation: MNIST's 5 000, a tenth of a smaller file."""
     try:
-        return image_data.load_images(name, data_dir)
+        if data_dir is None:
+            return image_data.load_images(name, data_dir)
+        n = len(image_data.read_mnist(data_dir, "train")[0])
+        return image_data.load_images(name, data_dir, validation=min(5000, n // 10))
     except (ValueError, OSError, ImportError) as e:  # IDXError is a ValueError
         raise RunError(str(e)) from None
 
