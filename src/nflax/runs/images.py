@@ -13,14 +13,16 @@ figures ``samples.png`` (temperatures 1.0 and 0.7), ``reconstructions.png`` and 
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from nflax import checkpoint, image_data
+from nflax import _compile, checkpoint, image_data
 from nflax.dequantization import fit_dequantized, uniform_dequantize
 from nflax.metrics import bits_per_dim, importance_weighted_nll
 from nflax.runs.common import build_flow, history_metrics, save_run
@@ -194,9 +196,8 @@ def reconstruct(flow, levels: np.ndarray, num_levels: int, key) -> dict:
     ``reconstruction_max_abs_error`` (``max |y' − y|``, in the flow's ``[0, 1]`` units) and
     ``reconstruction_wrong_levels`` (values whose level changed: 0 for an exact flow)."""
     y = uniform_dequantize(key, levels, num_levels)
-    z, _ = flow.bijection.forward(y)
-    y_back, _ = flow.bijection.inverse(z)
-    y, y_back = np.asarray(y), np.asarray(y_back)
+    y_back = np.asarray(apply_bijection(flow, apply_bijection(flow, y, "forward"), "inverse"))
+    y = np.asarray(y)
     back = np.clip(np.floor(y_back * num_levels), 0, num_levels - 1).astype(levels.dtype)
     return {
         "levels": back,
@@ -208,10 +209,25 @@ def reconstruct(flow, levels: np.ndarray, num_levels: int, key) -> dict:
 
 
 def sample_images(flow, key, n: int, temperature: float, event_shape) -> np.ndarray:
-    """``n`` samples of the flow at ``temperature`` as images ``(n, H, W, C)`` in the flow's
-    ``[0, 1]`` units (a flat flow's vectors reshaped)."""
-    x = flow.sample(key, n, temperature=temperature)
-    return np.asarray(jnp.reshape(x, (n, *event_shape)))
+    """``n`` samples of the flow at ``temperature`` (``flow.sample(key, n,
+    temperature=temperature)``: the base's noise scaled by it, pushed through the inverse)
+    as images ``(n, H, W, C)`` in the flow's ``[0, 1]`` units (a flat flow's vectors
+    reshaped). The inverse pass is the one compiled program of :func:`apply_bijection`."""
+    z = temperature * flow.base.sample(key, (n,))
+    return np.asarray(jnp.reshape(apply_bijection(flow, z, "inverse"), (n, *event_shape)))
+
+
+def apply_bijection(flow, x, direction: str) -> jax.Array:
+    """``flow.bijection.forward(x)[0]`` (data → latent) or ``.inverse(x)[0]`` (latent →
+    data), compiled once per flow structure, shape and direction (eager, a Glow's hundreds of
+    small operations each compile on their own)."""
+    graphdef, state = nnx.split(flow)
+    return _bijection_program(_compile.Static(graphdef), state, jnp.asarray(x), direction)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _bijection_program(graphdef: _compile.Static, state, x, direction: str):
+    return getattr(nnx.merge(graphdef.value, state).bijection, direction)(x)[0]
 
 
 def image_summary_line(name: str, metrics: dict, out: Path) -> str:
