@@ -140,6 +140,29 @@ def test_plot_history_lines():
     assert lo < 1.4 and hi > 3.0
     assert ax.get_title() == "stopped: patience after 5 steps"
     assert "1,234 steps/s" in [t.get_text() for t in ax.texts]
+    assert ax.get_ylabel() == "NLL (nats)"
+    # in bits per dimension: NLL / (D ln 2), and the axis says so
+    ax = plotting.plot_history(hist, bits_per_dim=4).axes[0]
+    train, val, _ = ax.get_lines()
+    np.testing.assert_allclose(train.get_ydata(), hist.loss / (4 * np.log(2)))
+    np.testing.assert_allclose(val.get_ydata(), hist.val_loss / (4 * np.log(2)))
+    assert ax.get_ylabel() == "bits/dim" and train.get_label() == "train bits/dim"
+
+
+def test_image_grid_tiles_the_images_row_by_row():
+    from matplotlib.figure import Figure
+
+    images = np.stack([np.full((2, 3, 1), v) for v in (0.0, 0.25, 0.5, 2.0, -1.0)])
+    ax = Figure().subplots()
+    plotting.image_grid(ax, images, ncols=3, title="five")
+    mosaic = ax.images[0].get_array()
+    assert mosaic.shape == (2 * 2 + 1, 3 * 3 + 2)  # 2 rows × 3 columns, one-pixel gaps
+    assert mosaic[0, 0] == 0.0 and mosaic[0, 4] == 0.25 and mosaic[0, 8] == 0.5
+    assert mosaic[3, 0] == 1.0 and mosaic[3, 4] == 0.0  # clipped to [0, 1]
+    assert mosaic[2, 0] == 1.0 and mosaic[3, 8] == 1.0  # the gaps and the empty cell: white
+    assert ax.get_title() == "five"
+    with pytest.raises(ValueError, match=r"image_grid: expected images of shape \(n, H, W, C\)"):
+        plotting.image_grid(ax, np.zeros((2, 3, 1)))
 
 
 def test_plot_elbo_lines():
