@@ -154,8 +154,10 @@ def image_metrics(flow, noise, splits, history, key, config: dict) -> dict:
     deq = "uniform" if noise is None else noise
     keys = jax.random.split(key, 3)
 
-    def nll(levels, key, num_samples):
-        v = importance_weighted_nll(flow, levels, k, key=key, num_samples=num_samples, dequantizer=deq)
+    def nll(levels, key, num_samples: int) -> float:
+        v = importance_weighted_nll(
+            flow, levels, k, key=key, num_samples=num_samples, dequantizer=deq
+        )
         return float(np.mean(v))
 
     test_iw, test_bound, train_bound = (
@@ -233,14 +235,14 @@ def _bijection_program(graphdef: _compile.Static, state, x, direction: str):
 def image_summary_line(name: str, metrics: dict, out: Path) -> str:
     """The line ``nflax train`` prints at the end of an image run.
 
-    >>> image_summary_line("digits", {"test_bits_per_dim": 1.5, "test_bits_per_dim_bound": 1.6,
-    ...     "iw_samples": 128, "uniform_bits_per_dim": 4.087, "steps_run": 900,
-    ...     "stop_reason": "patience"}, Path("runs/d"))
-    'digits: test 1.5000 bits/dim (IW, 128 samples; bound 1.6000; uniform 4.087), 900 steps (patience) → runs/d'
+    >>> print(image_summary_line("digits", {"test_bits_per_dim": 1.5,
+    ...     "test_bits_per_dim_bound": 1.6, "iw_samples": 128, "uniform_bits_per_dim": 4.087,
+    ...     "steps_run": 900, "stop_reason": "patience"}, Path("r")))
+    digits: test 1.5000 bits/dim (IW 128; bound 1.6000; uniform 4.087), 900 steps (patience) → r
     """
     return (
-        f"{name}: test {metrics['test_bits_per_dim']:.4f} bits/dim (IW, {metrics['iw_samples']} "
-        f"samples; bound {metrics['test_bits_per_dim_bound']:.4f}; uniform "
+        f"{name}: test {metrics['test_bits_per_dim']:.4f} bits/dim (IW {metrics['iw_samples']}; "
+        f"bound {metrics['test_bits_per_dim_bound']:.4f}; uniform "
         f"{metrics['uniform_bits_per_dim']:.3f}), {metrics['steps_run']} steps "
         f"({metrics['stop_reason']}) → {out}"
     )
