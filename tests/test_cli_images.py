@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nflax
-from nflax.cli import main
+from nflax.cli import _image_config, build_parser, given_flags, main
 from nflax.image_data import load_images
 
 TINY_GLOW = ["--flow", "glow", "--levels", "2", "--depth", "1", "--hidden", "8"]
@@ -108,6 +108,34 @@ def test_mnist_from_an_idx_folder(tmp_path):
     # a file of 60 training images keeps its last tenth for validation
     assert m["num_train_images"] == 54 and m["num_test_images"] == 12
     assert m["reconstruction_wrong_levels"] == 0 and np.isfinite(m["test_bits_per_dim"])
+
+
+def _config(*argv):
+    """The configuration `nflax train` would run with, without running it."""
+    argv = ["train", *argv]
+    args = build_parser().parse_args(argv)
+    args.given = given_flags(argv)
+    return _image_config(args)[0]
+
+
+def test_image_defaults_per_flow_and_set_and_flags_override_them():
+    cfg = _config("--dataset", "digits")
+    assert cfg["flow"] == "glow"
+    assert cfg["flow_kwargs"] == {"event_shape": [8, 8, 1], "levels": 2, "depth": 4, "hidden": 32}
+    assert (cfg["steps"], cfg["batch_size"], cfg["lr"], cfg["weight_decay"]) == (1000, 128, 1e-3, 0)
+    assert (cfg["patience"], cfg["iw_samples"], cfg["dequantization"]) == (500, 128, "uniform")
+    cfg = _config("--dataset", "digits", "--flow", "realnvp_image", "--no-actnorm", "--steps", "7")
+    assert cfg["flow_kwargs"]["actnorm"] is False and cfg["flow_kwargs"]["depth"] == 2
+    assert cfg["steps"] == 7
+    cfg = _config("--dataset", "digits", "--flow", "nsf")  # flat: its own defaults
+    assert cfg["flow_kwargs"]["dim"] == 64 and cfg["flow_kwargs"]["hidden"] == [64]
+    assert cfg["flow_kwargs"]["num_layers"] == 4 and cfg["steps"] == 2000
+    argv = ["--dataset", "digits", "--flow", "nsf", "--layers", "3", "--hidden", "8", "8"]
+    cfg = _config(*argv, "--weight-decay", "0.1", "--batch-size", "32", "--no-early-stopping")
+    assert cfg["flow_kwargs"]["num_layers"] == 3 and cfg["flow_kwargs"]["hidden"] == [8, 8]
+    assert (cfg["weight_decay"], cfg["batch_size"], cfg["patience"]) == (0.1, 32, None)
+    cfg = _config("--dataset", "digits", "--dequantization", "variational", "--lev", "1")
+    assert cfg["dequantizer"]["flow"] == "realnvp" and cfg["flow_kwargs"]["levels"] == 1
 
 
 @pytest.mark.parametrize(
