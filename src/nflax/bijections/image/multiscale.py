@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from nflax.bijections.base import Array, Bijection, _common_context_dim
+from nflax.bijections.base import Bijection, _common_context_dim
 
 
 def _level_shapes(levels: Sequence[Bijection]) -> list[tuple[int, ...]]:
