@@ -27,7 +27,7 @@ from nflax.bijections import (
     channel_mask,
     checkerboard_mask,
 )
-from nflax.distributions import Flow, StandardNormal, compiled_log_prob
+from nflax.distributions import Flow, StandardNormal, compiled_log_prob, compiled_sample
 from nflax.nets import ConvResNet
 from nflax.variables import needs_data_init
 
@@ -109,11 +109,15 @@ def test_temperature_scales_the_noise_and_log_prob_is_the_models():
     np.testing.assert_allclose(z, 0.7 * eps, atol=2e-4)  # z ~ N(0, 0.7² I)
     np.testing.assert_allclose(lp, log_p, atol=2e-3, rtol=1e-4)  # the model's log p(x)
     np.testing.assert_array_equal(cold, plain)
+    compiled = compiled_sample(flow, jax.random.key(3), 64, temperature=0.7)
+    np.testing.assert_allclose(compiled, x, atol=1e-5)
     a = 0.05 / 0.9  # the logit's inverse lands in the support [−a, 1 + a] (α = 0.05)
     assert bool(jnp.all((x >= -a) & (x <= 1 + a)))
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="temperature must be positive"):
             flow.sample(jax.random.key(0), 2, temperature=bad)
+        with pytest.raises(ValueError, match="temperature must be positive"):
+            compiled_sample(flow, jax.random.key(0), 2, temperature=bad)
 
 
 def test_bad_shapes_name_the_layer_the_expected_and_the_received_shape():

@@ -68,7 +68,7 @@ class MultiScale(Bijection):
         levels = list(levels)
         if not levels:
             raise ValueError("MultiScale: needs at least one level, received an empty list")
-        self._factored = _level_shapes(levels)
+        self._factored = tuple(_level_shapes(levels))
         self.levels = nnx.List(levels)
         self.event_shape = tuple(levels[0].event_shape)
         self._latent_shape = (math.prod(self.event_shape),)
