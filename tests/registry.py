@@ -2,7 +2,9 @@
 
 Adding a bijection = adding one line to ``REGISTRY``: a name and a factory
 ``(dim, rngs) -> Bijection``. Conditional layers also get a line in ``CONDITIONAL``:
-``(dim, rngs, context_dim) -> Bijection``.
+``(dim, rngs, context_dim) -> Bijection``. Image layers (event shape ``(H, W, C)``, shape
+changing ones included) go in ``IMAGE_REGISTRY`` with the shapes to test them at, and
+``IMAGE_CONDITIONAL``.
 """
 
 import math
