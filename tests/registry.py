@@ -2,7 +2,9 @@
 
 Adding a bijection = adding one line to ``REGISTRY``: a name and a factory
 ``(dim, rngs) -> Bijection``. Conditional layers also get a line in ``CONDITIONAL``:
-``(dim, rngs, context_dim) -> Bijection``.
+``(dim, rngs, context_dim) -> Bijection``. Image layers (event shape ``(H, W, C)``, shape
+changing ones included) go in ``IMAGE_REGISTRY`` with the shapes to test them at, and
+``IMAGE_CONDITIONAL``.
 """
 
 import math
@@ -178,24 +180,24 @@ def _image_flow(name, shape, rngs, **kw):
 IMAGE_REGISTRY = {
     "squeeze": (lambda s, r: Chain([Affine(s), Squeeze(s)]), IMAGE_SHAPES),
     "invert_squeeze": (lambda s, r: Invert(Chain([Affine(s), Squeeze(s)])), [(4, 4, 2)]),
-    "checkerboard_coupling": (
-        lambda s, r: _image_coupling(checkerboard_mask(s), r), IMAGE_SHAPES
-    ),
+    "checkerboard_coupling": (lambda s, r: _image_coupling(checkerboard_mask(s), r), IMAGE_SHAPES),
     "checkerboard_coupling_odd": (
-        lambda s, r: _image_coupling(checkerboard_mask(s, 1), r), IMAGE_SHAPES
+        lambda s, r: _image_coupling(checkerboard_mask(s, 1), r),
+        IMAGE_SHAPES,
     ),
     "channel_coupling": (lambda s, r: _image_coupling(channel_mask(s, 1), r), [(4, 4, 2)]),
     "conv1x1": (lambda s, r: Invertible1x1Conv(s, rngs=r), IMAGE_SHAPES),
     "actnorm_image": (lambda s, r: ActNorm(s), IMAGE_SHAPES),
     "logit_image": (lambda s, r: _to_unit(s, [Logit(s, alpha=0.05)]), IMAGE_SHAPES),
     "realnvp_image": (
-        lambda s, r: _image_flow(
-            "realnvp_image", s, r, depth=1, split_prior=True, logit=False
-        ).bijection,
+        lambda s, r: (
+            _image_flow("realnvp_image", s, r, depth=1, split_prior=True, logit=False).bijection
+        ),
         IMAGE_SHAPES,
     ),
     "glow": (
-        lambda s, r: _to_unit(s, [_image_flow("glow", s, r, depth=2).bijection]), IMAGE_SHAPES
+        lambda s, r: _to_unit(s, [_image_flow("glow", s, r, depth=2).bijection]),
+        IMAGE_SHAPES,
     ),
 }
 # Conditional image layers: factory (event_shape, rngs, context_dim) -> Bijection.

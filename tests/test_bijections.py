@@ -205,17 +205,20 @@ def test_contract_with_context(name, dim):
         b.forward(x, c[:, :2])
 
 
+# The whole flows at 4×4×2 take 10-20 s each to compile: slow (2×2×1 covers them fast).
+SLOW_IMAGE_CASES = {("glow", (4, 4, 2)), ("realnvp_image", (4, 4, 2))}
 IMAGE_CASES = [
-    (name, shape) for name, (_, shapes) in sorted(IMAGE_REGISTRY.items()) for shape in shapes
+    pytest.param(
+        (name, shape),
+        id=f"{name}-{'x'.join(map(str, shape))}",
+        marks=[pytest.mark.slow] if (name, shape) in SLOW_IMAGE_CASES else [],
+    )
+    for name, (_, shapes) in sorted(IMAGE_REGISTRY.items())
+    for shape in shapes
 ]
 
 
-def _case_id(case):
-    name, shape = case
-    return f"{name}-{'x'.join(map(str, shape))}"
-
-
-@pytest.mark.parametrize("case", IMAGE_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", IMAGE_CASES)
 def test_image_contract(case):
     """The whole contract on images (H, W, C), for shape-changing layers too: the Jacobian is
     the flattened output's with respect to the flattened input."""
@@ -231,9 +234,7 @@ def test_image_contract(case):
     _check_jit_equals_eager(b, out, x)
     _check_gradients_per_layer(b, out["grads"], b.event_shape[-1])
     _check_every_layer_moves(b, out["traj"], b.event_shape[-1])
-    np.testing.assert_allclose(
-        np.ravel(out["traj"][-1]), np.ravel(out["zw"]), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(np.ravel(out["traj"][-1]), np.ravel(out["zw"]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(IMAGE_CONDITIONAL))

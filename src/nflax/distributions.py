@@ -442,9 +442,12 @@ def compiled_log_prob(flow: Flow, x, context=None) -> Array:
     return _log_prob_program(_compile.Static(graphdef), state, jnp.asarray(x), context)
 
 
-def compiled_sample(flow: Flow, key: Array, n: int, context=None) -> Array:
-    """``flow.sample(key, n, context)`` (noise → data), compiled once per flow structure,
-    ``n`` and context shape and reused by every later call. The flow is not changed.
+def compiled_sample(
+    flow: Flow, key: Array, n: int, context=None, *, temperature: float = 1.0
+) -> Array:
+    """``flow.sample(key, n, context, temperature=temperature)`` (noise → data), compiled once
+    per flow structure, ``n`` and context shape (the temperature is an argument of the
+    program, not part of it) and reused by every later call. The flow is not changed.
 
     >>> import nflax
     >>> flow = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
@@ -455,7 +458,8 @@ def compiled_sample(flow: Flow, key: Array, n: int, context=None) -> Array:
     True
     """
     graphdef, state = nnx.split(flow)
-    return _sample_program(_compile.Static(graphdef), state, key, int(n), context)
+    t = jnp.float32(_checked_temperature(temperature))
+    return _sample_program(_compile.Static(graphdef), state, key, int(n), context, t)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -464,5 +468,5 @@ def _log_prob_program(graphdef: _compile.Static, state, x, context):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _sample_program(graphdef: _compile.Static, state, key, n: int, context):
-    return nnx.merge(graphdef.value, state).sample(key, n, context)
+def _sample_program(graphdef: _compile.Static, state, key, n: int, context, temperature):
+    return nnx.merge(graphdef.value, state).sample(key, n, context, temperature=temperature)

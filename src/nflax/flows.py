@@ -58,7 +58,10 @@ def build(name: str, **kwargs) -> Flow:
     ``build("glow", event_shape=(8, 8, 1), rngs=nnx.Rngs(0))``."""
     known = {**CONSTRUCTORS, **IMAGE_CONSTRUCTORS}
     if name not in known:
-        raise ValueError(f"unknown flow {name!r}; known flows: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"unknown flow {name!r}; known flows: {', '.join(sorted(CONSTRUCTORS))}; "
+            f"image flows: {', '.join(sorted(IMAGE_CONSTRUCTORS))}"
+        )
     return known[name](**kwargs)
 
 

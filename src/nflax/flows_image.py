@@ -72,6 +72,16 @@ def _coupling(mask: np.ndarray, hidden: int, blocks: int, activation: str, rngs)
     return AffineCoupling(mask, net)
 
 
+def _split_prior(hidden: int, blocks: int, activation: str, rngs) -> Callable[[Shape], Bijection]:
+    """Glow's learned prior of the factored-out half (the last ``⌈c/2⌉`` channels) given the
+    kept half: an affine coupling with ``channel_mask(shape, 0)``."""
+
+    def prior(shape: Shape) -> Bijection:
+        return _coupling(channel_mask(shape, 0), hidden, blocks, activation, rngs)
+
+    return prior
+
+
 def _multiscale(
     shape: Shape,
     levels: int,
@@ -140,10 +150,8 @@ def glow(
         coupling = _coupling(mask, hidden, blocks, activation, rngs)
         return Chain([ActNorm(s), Invertible1x1Conv(s, rngs=rngs), coupling])
 
-    def prior(s: Shape) -> Bijection:
-        return _coupling(channel_mask(s, 0), hidden, blocks, activation, rngs)
-
-    body = _multiscale(shape, levels, depth, step, prior if split_prior else None)
+    prior = _split_prior(hidden, blocks, activation, rngs) if split_prior else None
+    body = _multiscale(shape, levels, depth, step, prior)
     return _image_flow(shape, body, logit, alpha)
 
 
@@ -184,8 +192,6 @@ def realnvp_image(
         layers = [ActNorm(s), *couplings] if actnorm else couplings
         return layers[0] if len(layers) == 1 else Chain(layers)
 
-    def prior(s: Shape) -> Bijection:
-        return _coupling(channel_mask(s, 0), hidden, blocks, activation, rngs)
-
-    body = _multiscale(shape, levels, depth, step, prior if split_prior else None)
+    prior = _split_prior(hidden, blocks, activation, rngs) if split_prior else None
+    body = _multiscale(shape, levels, depth, step, prior)
     return _image_flow(shape, body, logit, alpha)

@@ -224,9 +224,9 @@ class Stack(Bijection):
 
     Mathematically the same as ``Chain(layers)``. The layers may differ in their array values
     (weights, masks stored as :class:`Buffer`), not in structure, and must keep the shape of
-    their input (``latent_shape == event_shape``: a scan carries one shape). State that a layer mutates
-    during a call (running statistics, data-dependent initialisation) is carried out of the
-    scan and written back to each layer.
+    their input (``latent_shape == event_shape``: a scan carries one shape). State that a
+    layer mutates during a call (running statistics, data-dependent initialisation) is
+    carried out of the scan and written back to each layer.
 
     ``unroll`` chooses how the scan over layers is compiled:
 

@@ -182,8 +182,8 @@ class AffineCoupling(Coupling):
 
     ``conditioner`` maps ``(*batch, dim [+ context_dim])`` to ``(*batch, 2·dim)`` (first half
     ``s̃``, second half ``t``), e.g. :class:`nflax.nets.MLP`; on images ``(*batch, H, W, C)``
-    to ``(*batch, H, W, 2C)``, e.g. :class:`nflax.nets.ConvResNet`. This is :class:`Coupling` with the
-    :class:`~nflax.bijections.transformers.AffineTransformer`, whose parameters are
+    to ``(*batch, H, W, 2C)``, e.g. :class:`nflax.nets.ConvResNet`. This is :class:`Coupling`
+    with the :class:`~nflax.bijections.transformers.AffineTransformer`, whose parameters are
     ``(μ, α̃) = (−t, −s̃)`` (so ``α = −s``).
     """
 

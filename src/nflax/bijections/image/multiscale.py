@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from nflax.bijections.base import Array, Bijection, _common_context_dim
+from nflax.bijections.base import Bijection, _common_context_dim
 
 
 def _level_shapes(levels: Sequence[Bijection]) -> list[tuple[int, ...]]:
@@ -68,7 +68,7 @@ class MultiScale(Bijection):
         levels = list(levels)
         if not levels:
             raise ValueError("MultiScale: needs at least one level, received an empty list")
-        self._factored = _level_shapes(levels)
+        self._factored = tuple(_level_shapes(levels))
         self.levels = nnx.List(levels)
         self.event_shape = tuple(levels[0].event_shape)
         self._latent_shape = (math.prod(self.event_shape),)
