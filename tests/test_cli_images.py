@@ -3,6 +3,7 @@
 
 import gzip
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -179,3 +180,18 @@ def test_variational_dequantization_run_saves_its_noise_flow(tmp_path):
     assert m["dequantization"] == "variational" and np.isfinite(m["test_bits_per_dim"])
     noise = nflax.load(out / "dequantizer")
     assert noise.context_dim == 64
+
+
+@pytest.mark.slow
+def test_image_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
+    out = tmp_path / "resume"
+    argv = ["train", "--dataset", "digits", *FLAT, "--steps", "40", "--checkpoint-every", "10"]
+    assert main([*argv, "--iw-samples", "4", "--no-plots", "--quiet", "--out", str(out)]) == 0
+    before = _json(out, "metrics.json")
+    last = max((out / "checkpoints").iterdir(), key=lambda p: int(p.name))
+    assert last.name == "40"
+    shutil.rmtree(last)  # as if killed after step 30
+    assert main(["train", "--resume", str(out), "--no-plots", "--quiet"]) == 0
+    after = _json(out, "metrics.json")
+    assert after["test_bits_per_dim"] == before["test_bits_per_dim"]
+    assert after["steps_run"] == 40
