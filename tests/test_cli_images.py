@@ -69,6 +69,15 @@ def test_glow_run_reloads_with_the_same_density(glow_run):
     assert abs(bpd - m["test_bits_per_dim_bound"]) < 0.01, (bpd, m)
 
 
+def test_sample_an_image_run_gives_images_of_levels(glow_run, tmp_path):
+    for suffix, shape in [(".npy", (5, 8, 8, 1)), (".csv", (5, 64))]:
+        out = tmp_path / f"s{suffix}"
+        assert main(["sample", str(glow_run), "-n", "5", "-o", str(out)]) == 0
+        x = np.load(out) if suffix == ".npy" else np.loadtxt(out, delimiter=",")
+        assert x.shape == shape and x.min() >= 0 and x.max() <= 16
+        assert np.all(x == np.round(x))
+
+
 def test_flat_flow_on_digits_trains_on_the_flattened_image(tmp_path):
     out = tmp_path / "flat"
     argv = ["train", "--dataset", "digits", *FLAT, *TINY_RUN, "--no-plots", "--out", str(out)]

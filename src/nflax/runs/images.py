@@ -27,6 +27,7 @@ from nflax.dequantization import fit_dequantized, uniform_dequantize
 from nflax.metrics import bits_per_dim, importance_weighted_nll
 from nflax.runs.common import build_flow, history_metrics, save_run
 from nflax.runs.folder import RunError, write_json
+from nflax.runs.sample import to_levels
 from nflax.training import default_optimizer
 
 NUM_SHOWN = 36  # images per panel of samples.png and reconstructions.png
@@ -200,7 +201,7 @@ def reconstruct(flow, levels: np.ndarray, num_levels: int, key) -> dict:
     y = uniform_dequantize(key, levels, num_levels)
     y_back = np.asarray(apply_bijection(flow, apply_bijection(flow, y, "forward"), "inverse"))
     y = np.asarray(y)
-    back = np.clip(np.floor(y_back * num_levels), 0, num_levels - 1).astype(levels.dtype)
+    back = to_levels(y_back, num_levels, levels.shape[1:])
     return {
         "levels": back,
         "metrics": {

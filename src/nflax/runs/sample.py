@@ -28,7 +28,8 @@ def run_sample(
     """Draw ``num`` samples from the flow of the run folder ``run`` with the seed ``seed`` and
     write them to ``output`` (``.npy``, or ``.csv`` with the training file's header row when it
     had one), atomically; a run trained on a standardised data file samples in the file's own
-    units. Returns the samples; :class:`RunError` for a missing run or a bad output name.
+    units, an image run gives images of integer levels (:func:`to_levels`; ``.csv``: one
+    image a row). Returns the samples; :class:`RunError` for a missing run or a bad output name.
     """
     run, out = Path(run), Path(output)
     _check_paths(run, out)
@@ -41,10 +42,14 @@ def run_sample(
     std = config.get("standardize")
     if std:  # trained on a standardised file: back to its units
         x = x * np.asarray(std["std"]) + np.asarray(std["mean"])
+    if config.get("images"):  # y in [0, 1] back to the image set's levels
+        x = to_levels(x, config["num_levels"], config["event_shape"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp" + out.suffix)
     if out.suffix == ".npy":
         np.save(tmp, x)
+    elif config.get("images"):  # one image a row, its levels in C order
+        np.savetxt(tmp, x.reshape(len(x), -1), delimiter=",", fmt="%d")
     else:  # with the training file's header row, when it had one
         header = _csv_row(config["columns"]) if config.get("columns") else ""
         np.savetxt(tmp, x, delimiter=",", fmt="%.8g", header=header, comments="")
@@ -52,6 +57,20 @@ def run_sample(
     if not quiet:
         print(f"wrote {len(x)} samples to {out}")
     return x
+
+
+def to_levels(y: np.ndarray, num_levels: int, event_shape) -> np.ndarray:
+    """Samples ``y`` of an image run's flow (``[0, 1]`` units, ``y = (x + u)/K``) as images of
+    integer levels ``x = ⌊K·y⌋`` (clipped to ``0 … K − 1``), shape ``(n, H, W, C)``, ``uint8``
+    (``uint16`` beyond 256 levels).
+
+    >>> to_levels(np.array([[0.0, 0.5, 0.99, 1.3]]), 17, [2, 2, 1])[..., 0]
+    array([[[ 0,  8],
+            [16, 16]]], dtype=uint8)
+    """
+    levels = np.clip(np.floor(np.asarray(y) * num_levels), 0, num_levels - 1)
+    dtype = np.uint8 if num_levels <= 256 else np.uint16
+    return levels.astype(dtype).reshape(len(levels), *event_shape)
 
 
 def _check_paths(run: Path, out: Path) -> None:
