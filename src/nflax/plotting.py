@@ -368,13 +368,23 @@ def plot_history(history: History, *, bits_per_dim: int | None = None) -> Figure
         ax.text(
             0.99,
             0.98,
-            f"{history.steps_per_second:,.0f} steps/s",
+            f"{_rate(history.steps_per_second)} steps/s",
             ha="right",
             va="top",
             transform=ax.transAxes,
             fontsize=7,
         )
     return fig
+
+
+def _rate(per_second: float) -> str:
+    """A rate for a label: whole numbers with thousands separators, two significant digits
+    below 10.
+
+    >>> _rate(1234.4), _rate(0.5465)
+    ('1,234', '0.55')
+    """
+    return f"{per_second:,.0f}" if per_second >= 10 else f"{per_second:.2g}"
 
 
 def _set_ylim(ax, lo: float, hi: float, margin: float) -> None:
