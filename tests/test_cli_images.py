@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import nflax
-from nflax.cli import _image_config, build_parser, given_flags, main
+from nflax.cli import build_parser, given_flags, main
+from nflax.cli_images import image_config
 from nflax.image_data import load_images
 
 TINY_GLOW = ["--flow", "glow", "--levels", "2", "--depth", "1", "--hidden", "8"]
@@ -125,7 +126,7 @@ def _config(*argv):
     argv = ["train", *argv]
     args = build_parser().parse_args(argv)
     args.given = given_flags(argv)
-    return _image_config(args)[0]
+    return image_config(args)[0]
 
 
 def test_image_defaults_per_flow_and_set_and_flags_override_them():
