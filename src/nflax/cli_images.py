@@ -44,6 +44,8 @@ _NOT_FOR_IMAGES = [
     ("--embedding", "embedding", "image runs are unconditional"),
     ("--devices", "devices", "image runs train on one device"),
     ("--coordinator", "coordinator", "image runs train on one device"),
+    ("--num-processes", "num_processes", "image runs train on one device"),
+    ("--process-id", "process_id", "image runs train on one device"),
 ]
 _IMAGE_ONLY = [
     ("--data-dir", "data_dir"),
