@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nflax._conv import patch_conv
 from nflax.variables import Buffer
 
 Activation = Callable[[jax.Array], jax.Array]
@@ -270,7 +271,11 @@ class ConvResNet(nnx.Module):
             )
 
         def conv(a: int, b: int, **kw) -> nnx.Conv:
-            return nnx.Conv(a, b, kernel_size=(3, 3), padding="SAME", rngs=rngs, **kw)
+            # patch_conv: as fast inside the training engine's loop as outside (on CPU)
+            return nnx.Conv(
+                a, b, kernel_size=(3, 3), padding="SAME", conv_general_dilated=patch_conv,
+                rngs=rngs, **kw,
+            )  # fmt: skip
 
         width = int(width)
         self.conv_in = conv(int(in_channels), width)
