@@ -443,8 +443,14 @@ def main(argv=None) -> None:
             rows.append(normflows_row(data, args))
         else:
             rows.append(nflax_row(name, configs[name], data, args))
-        print(f"  {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         r = rows[-1]
+        print(
+            f"  {name}: {time.perf_counter() - t0:.1f} s in all; "
+            f"compile {_fmt(r.compile_s, '.1f')} s, train {_fmt(r.train_s, '.1f')} s, "
+            f"{_fmt(r.steps_per_s, '.2f')} steps/s, "
+            f"bits/dim {_fmt(r.iw_bpd, '.3f')}",
+            file=sys.stderr,
+        )
         if args.grid_dir and r.samples is not None:
             path = Path(args.grid_dir) / f"images_{name}.png"
             save_grid(r.samples, path, f"{r.name}: test {_fmt(r.iw_bpd, '.3f')} bits/dim, T=1")
