@@ -92,7 +92,7 @@ def evaluate(model, x: torch.Tensor, k: int, samples: int, seed: int, batch: int
 
 def main(data_path: str, config: dict) -> dict:
     torch.manual_seed(config["seed"])
-    if config.get("threads"):
+    if config.get("threads"):  # 0 / None: torch's default (one per core)
         torch.set_num_threads(int(config["threads"]))
     data = np.load(data_path)
     k = int(data["num_levels"])

@@ -268,7 +268,7 @@ def normflows_config(args) -> dict:
     sizes = (
         dict(levels=2, depth=1, hidden=8)
         if args.quick
-        else dict(levels=2, depth=args.depth, hidden=args.hidden)
+        else dict(levels=2, depth=args.depth, hidden=args.normflows_hidden or args.hidden)
     )
     return dict(
         sizes,
@@ -406,7 +406,18 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-normflows", action="store_true", help="no PyTorch row")
     p.add_argument("--torch-python", default=None, help="Python with torch + normflows")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--normflows-hidden",
+        type=int,
+        default=None,
+        help="normflows' conv channels (default --hidden; 256 matches nflax glow's parameters)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (0: torch's default; 2 spin-wait on a loaded machine)",
+    )
     p.add_argument("--torch-timeout", type=int, default=6 * 3600)
     args = p.parse_args(argv)
     args.steps = args.steps or (20 if args.quick else 4000)
