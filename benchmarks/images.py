@@ -264,11 +264,11 @@ def torch_python(args) -> str:
     return str(python)
 
 
-def normflows_config(args) -> dict:
+def normflows_config(args, hidden: int) -> dict:
     sizes = (
         dict(levels=2, depth=1, hidden=8)
         if args.quick
-        else dict(levels=2, depth=args.depth, hidden=args.normflows_hidden or args.hidden)
+        else dict(levels=2, depth=args.depth, hidden=hidden)
     )
     return dict(
         sizes,
@@ -285,8 +285,8 @@ def normflows_config(args) -> dict:
     )
 
 
-def normflows_row(data, args) -> Row:
-    cfg = normflows_config(args)
+def normflows_row(data, args, hidden: int) -> Row:
+    cfg = normflows_config(args, hidden)
     config = f"levels={cfg['levels']}, depth={cfg['depth']}, hidden={cfg['hidden']}"
     if args.skip_normflows:
         return Row("normflows Glow (PyTorch)", config, note="skipped (--skip-normflows)")
@@ -409,8 +409,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--normflows-hidden",
         type=int,
+        nargs="+",
         default=None,
-        help="normflows' conv channels (default --hidden; 256 matches nflax glow's parameters)",
+        help="normflows' conv channels, a row each (default --hidden; 256 matches nflax "
+        "glow's parameters at hidden 64)",
     )
     p.add_argument(
         "--torch-threads",
@@ -443,17 +445,23 @@ def main(argv=None) -> None:
         f"jax {jax.__version__} {jax.default_backend()}; python {platform.python_version()}"
     )
     configs = nflax_configs(args)
-    rows = []
+    hiddens = args.normflows_hidden or [args.hidden]
+    tasks = []  # (name, row maker): one normflows row per --normflows-hidden
     for name in args.rows:
-        t0 = time.perf_counter()
         if name == "uniform":
-            rows.append(uniform_row())
+            tasks.append((name, uniform_row))
         elif name == "gaussian":
-            rows.append(gaussian_row(data[0], data[2], args))
+            tasks.append((name, lambda: gaussian_row(data[0], data[2], args)))
         elif name == "normflows_glow":
-            rows.append(normflows_row(data, args))
+            for h in hiddens:
+                tag = name if len(hiddens) == 1 else f"{name}_h{h}"
+                tasks.append((tag, lambda h=h: normflows_row(data, args, h)))
         else:
-            rows.append(nflax_row(name, configs[name], data, args))
+            tasks.append((name, lambda name=name: nflax_row(name, configs[name], data, args)))
+    rows = []
+    for name, make in tasks:
+        t0 = time.perf_counter()
+        rows.append(make())
         r = rows[-1]
         print(
             f"  {name}: {time.perf_counter() - t0:.1f} s in all; "
