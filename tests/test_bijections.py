@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import jacobian_log_det, perturb
-from registry import CONDITIONAL, IDENTITY_AT, NO_GRADIENT, REGISTRY, _coupling  # noqa: E402
+from registry import (  # noqa: E402
+    CONDITIONAL,
+    IDENTITY_AT,
+    NO_GRADIENT,
+    REGISTRY,
+    SLOW,
+    SLOW_CONDITIONAL,
+    _coupling,
+)
 
 import nflax
 from nflax.bijections import (
@@ -20,6 +28,12 @@ from nflax.bijections.normalization import DataInit
 from nflax.nets import MLP
 
 DIMS = [1, 2, 5]
+
+
+def _cases(table, slow):
+    """(name, dim) for every entry of ``table`` and every dim; those in ``slow`` marked slow."""
+    mark = lambda name, dim: pytest.mark.slow if (name, dim) in slow else ()  # noqa: E731
+    return [pytest.param(n, d, marks=mark(n, d)) for n in sorted(table) for d in DIMS]
 
 
 def _make(factory, dim, seed=0):
@@ -139,8 +153,7 @@ def _check_every_layer_moves(b, traj, dim):
         assert moved > 1e-3, f"layer {i} ({name}) is the identity at dim {dim}"
 
 
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name, dim", _cases(REGISTRY, SLOW))
 def test_contract(name, dim):
     """Round trip, log-det = log|det Jacobian|, inverse log-det, batch dims, jit = eager,
     gradients for every parameter and every layer of a Stack, every layer moves its input."""
@@ -155,8 +168,7 @@ def test_contract(name, dim):
     np.testing.assert_allclose(out["traj"][-1], out["zw"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("name", sorted(CONDITIONAL))
+@pytest.mark.parametrize("name, dim", _cases(CONDITIONAL, SLOW_CONDITIONAL))
 def test_contract_with_context(name, dim):
     b = CONDITIONAL[name](dim, nnx.Rngs(0), 3)
     perturb(b, jax.random.key(5))
