@@ -18,6 +18,7 @@ from nflax import (
 )
 from nflax.checkpoint import load, save
 from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
+from nflax.flow_matching import FlowMatchingHistory, fit_flow_matching
 from nflax.metrics import evaluate
 from nflax.training import History, fit, nll
 from nflax.vi import VIHistory, fit_vi
@@ -25,6 +26,7 @@ from nflax.vi import VIHistory, fit_vi
 __all__ = [
     "ConditionalDiagNormal",
     "Flow",
+    "FlowMatchingHistory",
     "History",
     "StandardNormal",
     "bijections",
@@ -33,6 +35,7 @@ __all__ = [
     "distributions",
     "evaluate",
     "fit",
+    "fit_flow_matching",
     "fit_vi",
     "load",
     "save",

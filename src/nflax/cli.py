@@ -48,6 +48,10 @@ ACTIVATIONS = ("tanh", "silu", "gelu", "elu", "relu", "softplus")
 # extrapolate where tanh saturates (benchmarks/README.md, robustness over seeds).
 TRAIN_ACTIVATION = "silu"
 
+# Training objectives of `nflax train`, and the flows flow matching can train.
+OBJECTIVES = ("likelihood", "flow-matching")
+FLOW_MATCHING_FLOWS = ("cnf",)
+
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
 _non_negative_float = _checked(float, lambda v: 0 <= v < float("inf"), "a number ≥ 0")
@@ -198,7 +202,14 @@ def _add_process_flags(t: argparse.ArgumentParser) -> None:
 
 
 def _add_recipe_flags(t: argparse.ArgumentParser) -> None:
-    """Minibatches, the schedule, weight decay and early stopping."""
+    """The objective, minibatches, the schedule, weight decay and early stopping."""
+    t.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=None,
+        help="maximum likelihood (any flow; through the ODE solver for cnf, as FFJORD) or flow "
+        "matching (cnf only); default: flow-matching for cnf, likelihood for the others",
+    )
     t.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -377,6 +388,7 @@ def _train_config(args, runs) -> tuple[dict, str]:
     config.update(data.config)
     config["flow_kwargs"] = _flow_kwargs(args, config["dim"])
     config["flow"] = args.flow
+    config["objective"] = _objective(args)
     if args.conditional:
         from nflax import flows
 
@@ -388,6 +400,19 @@ def _train_config(args, runs) -> tuple[dict, str]:
     elif args.embedding is not None:
         raise UsageError("--embedding needs --conditional (it embeds the context)")
     return config, data.name
+
+
+def _objective(args) -> str:
+    """The training objective: ``--objective``, else flow matching for the flows it can train
+    and maximum likelihood for the others."""
+    default = "flow-matching" if args.flow in FLOW_MATCHING_FLOWS else "likelihood"
+    objective = args.objective or default
+    if objective == "flow-matching" and args.flow not in FLOW_MATCHING_FLOWS:
+        known = ", ".join(FLOW_MATCHING_FLOWS)
+        raise UsageError(
+            f"--objective flow-matching trains a continuous flow ({known}), not {args.flow!r}"
+        )
+    return objective
 
 
 def _vi(args, runs) -> None:

@@ -338,13 +338,15 @@ def _label_axes(ax, labels: Sequence[str] | None) -> None:
 
 
 def plot_history(history: History) -> Figure:
-    """Training (and validation) NLL per step, with the best step marked."""
+    """Training (and validation) NLL per step, with the best step marked (a history with a
+    ``loss_name``, such as flow matching's, is labelled by it)."""
+    name = getattr(history, "loss_name", "NLL")
     fig = Figure(figsize=(5, 3.2), layout="constrained")
     ax = fig.subplots()
     loss = np.asarray(history.loss)
-    ax.plot(np.arange(len(loss)), loss, lw=0.8, label="train NLL")
+    ax.plot(np.arange(len(loss)), loss, lw=0.8, label=f"train {name}")
     if len(history.val_loss):
-        ax.plot(history.val_steps, history.val_loss, lw=1.2, label="validation NLL")
+        ax.plot(history.val_steps, history.val_loss, lw=1.2, label=f"validation {name}")
     if history.best_step is not None and history.restored_best:
         ax.axvline(history.best_step, color="k", ls=":", lw=0.8, label="best")
     finite = loss[np.isfinite(loss)]
@@ -357,7 +359,7 @@ def plot_history(history: History) -> Figure:
         margin = 0.05 * max(hi - lo, 1e-3)
         ax.set_ylim(lo - margin, hi + margin)
     ax.set_xlabel("step")
-    ax.set_ylabel("NLL (nats)")
+    ax.set_ylabel("NLL (nats)" if name == "NLL" else name)
     ax.set_title(f"stopped: {history.stop_reason} after {history.steps_run} steps", fontsize=9)
     ax.legend(fontsize=8)
     if not math.isnan(history.steps_per_second):

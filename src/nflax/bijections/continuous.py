@@ -20,6 +20,8 @@ a second component of the ODE state along the same solve:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import diffrax
 import jax
@@ -106,6 +108,61 @@ def _times(times: Sequence[float]) -> tuple[float, ...]:
     return tuple(ts)
 
 
+@dataclass(frozen=True)
+class _Options:
+    """How to solve (hashable: a static argument of the compiled solve)."""
+
+    solver: diffrax.AbstractSolver
+    adjoint: diffrax.AbstractAdjoint
+    rtol: float
+    atol: float
+    max_steps: int
+
+
+def _rhs(t, s, args):
+    """The augmented ODE: ``(dx/dt, d log-det/dt) = (v, tr ∂v/∂x)`` at one point."""
+    graphdef, state, c, eps = args
+    field = nnx.merge(graphdef, state)
+    f = lambda u: field(u, t, c)  # noqa: E731
+    return exact_trace(f, s[0]) if eps is None else hutchinson_trace(f, s[0], eps)
+
+
+@partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _solve(graphdef, state, flat, c, eps, options: _Options, inverse: bool, save_times):
+    """Each row of ``flat`` solved on its own steps (``jax.vmap``), with its log-determinant;
+    NaN where the solver failed. Compiled once per field structure, options and shapes, so
+    eager calls do not recompile."""
+    t0, t1 = (0.0, 1.0) if inverse else (1.0, 0.0)
+    saveat = (
+        diffrax.SaveAt(t1=True)
+        if save_times is None
+        else diffrax.SaveAt(ts=jnp.asarray(save_times, jnp.float32))
+    )
+    controller = diffrax.PIDController(rtol=options.rtol, atol=options.atol)
+
+    def one(yi, ci, ei):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(_rhs),
+            options.solver,
+            t0,
+            t1,
+            None,
+            (yi, jnp.zeros((), yi.dtype)),
+            args=(graphdef, state, ci, ei),
+            saveat=saveat,
+            stepsize_controller=controller,
+            adjoint=options.adjoint,
+            max_steps=options.max_steps,
+            throw=False,
+        )
+        ok = sol.result == diffrax.RESULTS.successful
+        nan = jnp.asarray(jnp.nan, yi.dtype)
+        return jnp.where(ok, sol.ys[0], nan), jnp.where(ok, sol.ys[1], nan)
+
+    axes = (0, None if c is None else 0, None if eps is None else 0)
+    return jax.vmap(one, in_axes=axes)(flat, c, eps)
+
+
 class ContinuousFlow(Bijection):
     r"""A continuous normalizing flow: the map of the ODE ``dx/dt = v(x, t[, c])`` over
     ``t ∈ [0, 1]`` (see the module docstring for the direction of time).
@@ -131,11 +188,17 @@ class ContinuousFlow(Bijection):
 
     The solver (``"tsit5"`` by default, or a diffrax solver) takes adaptive steps with a PID
     controller at ``rtol``, ``atol``; each point of a batch is solved on its own steps (the
-    result for one point does not depend on the others). Gradients go through the solve by
-    ``adjoint``: ``"recursive"`` (checkpointed backpropagation through the steps, the
-    default; reverse mode only), ``"backsolve"`` (the continuous adjoint of FFJORD) or
-    ``"direct"`` (also forward mode, e.g. ``jax.jacfwd`` of the map). A solve that does not
-    finish within ``max_steps`` returns NaN (which stops training through the NaN guard).
+    result for one point does not depend on the others). The default tolerances, 1e-7, keep
+    the round trip within 1e-4 on the 2-D sets: on flows trained by flow matching (4096 test
+    points each) the worst round-trip error was 2.3e-5 on the banana (raw units, x1 up to
+    ~60), 4.6e-6 on eight Gaussians and 2.4e-6 on moons, where 1e-6 left 2.0e-4 on the banana
+    and 1e-5 left 8.5e-3; the test NLL moved by less than 1e-4 nats between them.
+
+    Gradients go through the solve by ``adjoint``: ``"recursive"`` (checkpointed
+    backpropagation through the steps, the default; reverse mode only), ``"backsolve"`` (the
+    continuous adjoint of FFJORD) or ``"direct"`` (also forward mode, e.g. ``jax.jacfwd`` of
+    the map). A solve that does not finish within ``max_steps`` returns NaN (which stops
+    training through the NaN guard).
 
     :meth:`trajectory` returns the batch at ``times`` (default 0, ¼, ½, ¾, 1), data first.
 
@@ -155,8 +218,8 @@ class ContinuousFlow(Bijection):
         trace: str = "auto",
         noise: str = "rademacher",
         solver: str | diffrax.AbstractSolver = "tsit5",
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
+        rtol: float = 1e-7,
+        atol: float = 1e-7,
         adjoint: str | diffrax.AbstractAdjoint = "recursive",
         max_steps: int = 4096,
         times: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
@@ -233,44 +296,9 @@ class ContinuousFlow(Bijection):
             c = jnp.broadcast_to(context, (*batch, self.context_dim)).reshape(-1, self.context_dim)
         eps = self._noise(key, flat.shape)
         graphdef, state = nnx.split(self.vector_field)
-        t0, t1 = (0.0, 1.0) if inverse else (1.0, 0.0)
-
-        def rhs(t, s, args):
-            state, ci, e = args
-            field = nnx.merge(graphdef, state)
-            f = lambda u: field(u, t, ci)  # noqa: E731
-            v, tr = exact_trace(f, s[0]) if e is None else hutchinson_trace(f, s[0], e)
-            return v, tr
-
-        saveat = (
-            diffrax.SaveAt(t1=True)
-            if save_times is None
-            else diffrax.SaveAt(ts=jnp.asarray(save_times, jnp.float32))
-        )
-        controller = diffrax.PIDController(rtol=self.rtol, atol=self.atol)
-
-        def one(yi, ci, ei):
-            sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(rhs),
-                self.solver,
-                t0,
-                t1,
-                None,
-                (yi, jnp.zeros((), yi.dtype)),
-                args=(state, ci, ei),
-                saveat=saveat,
-                stepsize_controller=controller,
-                adjoint=self.adjoint,
-                max_steps=self.max_steps,
-                throw=False,
-            )
-            ok = sol.result == diffrax.RESULTS.successful
-            nan = jnp.asarray(jnp.nan, yi.dtype)
-            return jnp.where(ok, sol.ys[0], nan), jnp.where(ok, sol.ys[1], nan)
-
-        ys, lds = jax.vmap(one, in_axes=(0, None if c is None else 0, None if eps is None else 0))(
-            flat, c, eps
-        )
+        options = _Options(self.solver, self.adjoint, self.rtol, self.atol, self.max_steps)
+        times = None if save_times is None else tuple(float(t) for t in save_times)
+        ys, lds = _solve(graphdef, state, flat, c, eps, options, bool(inverse), times)
         if save_times is None:  # (n, 1, d), (n, 1)
             return ys[:, 0].reshape(y.shape), lds[:, 0].reshape(batch)
         k = len(save_times)
