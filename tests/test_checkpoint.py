@@ -67,6 +67,8 @@ NON_DEFAULT = {
                                bound=4.0, actnorm=True, activation="silu", context_dim=1,
                                embedding=(4, 2)),
     "planar": dict(num_layers=5, context_dim=2, embedding=(4, 2)),
+    "cnf": dict(hidden=(8, 4), activation="tanh", time_frequencies=2, actnorm=True,
+                trace="hutchinson", rtol=1e-6, atol=1e-6, context_dim=2, embedding=(4, 3)),
 }  # fmt: skip
 
 

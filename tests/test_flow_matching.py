@@ -2,6 +2,8 @@
 resume, NaN guard, mesh), minibatch-OT pairing, context, and (slow) the quality targets:
 banana, conditional banana, 4-D correlated Gaussian."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ import pytest
 from flax import nnx
 
 import nflax
+from nflax.cli import _objective as cli_objective
+from nflax.cli import build_parser, main
 from nflax.flow_matching import (
     FlowMatchingHistory,
     default_flow_matching_optimizer,
@@ -211,3 +215,43 @@ def test_correlated_gaussian_4d_mean_and_covariance_from_samples():
     scale = np.sqrt(np.max(np.diag(cov)))
     assert np.max(np.abs(s.mean(0) - mean)) < 0.03 * scale
     assert np.max(np.abs(np.cov(s.T) - cov)) < 0.03 * np.max(np.abs(cov))
+
+
+# -- the command line ------------------------------------------------------------------------
+_CLI = ["train", "--flow", "cnf", "--hidden", "8", "--num-points", "256", "--quiet"]
+
+
+def test_cli_objective_is_flow_matching_for_cnf_by_default_and_only_for_it(capsys):
+    def objective(*flags):
+        args = build_parser().parse_args(["train", *flags])
+        args.flow = args.flow or "realnvp"
+        return cli_objective(args)
+
+    assert objective("--flow", "cnf") == "flow-matching"
+    assert objective("--flow", "cnf", "--objective", "likelihood") == "likelihood"
+    assert objective() == "likelihood"
+    assert main(["train", "--flow", "realnvp", "--objective", "flow-matching"]) == 2
+    assert "--objective flow-matching trains a continuous flow" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_trains_a_cnf_by_flow_matching_with_every_figure(tmp_path, capsys):
+    out = tmp_path / "fm"
+    args = [*_CLI, "--objective", "flow-matching", "--steps", "30", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["objective"] == "flow-matching" and config["weight_decay"] == 0.0
+    for name in ("trajectory.png", "density.png", "samples.png", "loss.png", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert np.isfinite(json.loads((out / "metrics.json").read_text())["test_nll"])
+    assert json.loads(nflax.load(out / "flow").spec)["constructor"] == "cnf"
+
+
+@pytest.mark.slow
+def test_cli_trains_a_cnf_by_likelihood(tmp_path, capsys):
+    out = tmp_path / "ml"
+    args = [*_CLI, "--objective", "likelihood", "--steps", "10", "--no-plots", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["objective"] == "likelihood" and config["weight_decay"] == 3.0
+    assert np.isfinite(json.loads((out / "metrics.json").read_text())["test_nll"])
