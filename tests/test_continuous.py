@@ -3,8 +3,8 @@ integrates to one, Hutchinson's estimator unbiased with its noise fixed per solv
 gradients in the banana's far tail, trajectories at chosen times, maximum likelihood (FFJORD).
 
 The bijection contract (registry: log-det against ``slogdet`` of ``jax.jacfwd`` through the
-solve, round trip, gradients) covers it too, at dim 2 by default. Every ODE program takes
-seconds to compile, so the fast tests share shapes and the rest are marked slow.
+solve, round trip, gradients, trajectories, jit = eager) covers it too, as a slow test. Every
+ODE program takes seconds to compile, so the fast tests are few and small.
 """
 
 import jax
@@ -40,11 +40,16 @@ class LinearField(nnx.Module):
         return x @ self.a[...].T
 
 
-@pytest.mark.slow
-def test_log_det_is_the_slogdet_of_the_jacobian_of_the_solved_map_and_round_trips():
-    """Default solver, tolerances and adjoint: ``jax.jacobian`` (reverse mode) through diffrax
-    (the registry's contract test does it in forward mode, at dim 2 by default)."""
-    layer = _cnf()
+@pytest.mark.parametrize(
+    "adjoint, jacobian",
+    [("direct", jax.jacfwd), pytest.param("recursive", jax.jacrev, marks=pytest.mark.slow)],
+)
+def test_log_det_is_the_slogdet_of_the_jacobian_of_the_solved_map_and_round_trips(
+    adjoint, jacobian
+):
+    """Default solver and tolerances; the Jacobian of the solved map by ``jax.jacfwd``
+    (through the "direct" adjoint) or ``jax.jacrev`` (through the default one)."""
+    layer = _cnf(adjoint=adjoint)
     x = 2.0 * jax.random.normal(jax.random.key(0), (6, 2))
     graphdef, state = nnx.split(layer)
 
@@ -53,7 +58,7 @@ def test_log_det_is_the_slogdet_of_the_jacobian_of_the_solved_map_and_round_trip
         m = nnx.merge(graphdef, state)
         z, ld = m.forward(x)
         x2, ld_inv = m.inverse(z)
-        jac = jax.vmap(jax.jacobian(lambda v: m.forward(v)[0]))(x)
+        jac = jax.vmap(jacobian(lambda v: m.forward(v)[0]))(x)
         return z, ld, x2, ld_inv, jnp.linalg.slogdet(jac)[1]
 
     z, ld, x2, ld_inv, jac_ld = run(state, x)

@@ -163,15 +163,15 @@ def test_errors_and_the_default_optimizer(banana):
 def _banana_run(seed):
     """``nflax train --flow cnf``'s recipe, as benchmarks/cnf.py runs it: 1024 points,
     16384 test points, the run's own keys."""
-    from nflax.runs.train import FLOW_MATCHING_EMA
+    from nflax.runs.train import FLOW_MATCHING
 
     key_data, key_test, key_fit, _ = jax.random.split(jax.random.key(seed), 4)
     ds = nflax.datasets.get("banana")
     x, xt = ds.sample(key_data, 1024), ds.sample(key_test, 16384)
     flow = nflax.flows.cnf(2, actnorm=True, rngs=nnx.Rngs(seed))
     fit_flow_matching(
-        flow, x, key=key_fit, steps=4000, patience=1000, val_fraction=0.1, progress=False,
-        ema=FLOW_MATCHING_EMA,
+        flow, x, key=key_fit, steps=8000, patience=1000, val_fraction=0.1, progress=False,
+        **FLOW_MATCHING,
     )  # fmt: skip
     return flow, nflax.evaluate(flow, xt, log_prob_true=ds.log_prob), xt
 
@@ -196,7 +196,7 @@ def test_conditional_banana_gap_below_a_tenth_of_a_nat():
     flow = nflax.flows.cnf(2, actnorm=True, context_dim=1, rngs=nnx.Rngs(0))
     fit_flow_matching(
         flow, x, context=c, key=jax.random.key(2), steps=4000, val_fraction=0.1, ema=0.999,
-        progress=False,
+        restore_best=False, progress=False,
     )  # fmt: skip
     metrics = nflax.evaluate(flow, xt, ct, log_prob_true=ds.log_prob)
     assert metrics["test_minus_true_nll"] < 0.1, metrics
@@ -210,7 +210,9 @@ def test_correlated_gaussian_4d_mean_and_covariance_from_samples():
     rng = np.random.default_rng(0)
     x = rng.multivariate_normal(mean, cov, size=4096).astype(np.float32)
     flow = nflax.flows.cnf(4, actnorm=True, rngs=nnx.Rngs(0))
-    fit_flow_matching(flow, x, key=jax.random.key(1), steps=3000, ema=0.999, progress=False)
+    fit_flow_matching(
+        flow, x, key=jax.random.key(1), steps=3000, ema=0.999, restore_best=False, progress=False
+    )
     s = np.asarray(flow.sample(jax.random.key(2), 2**15), np.float64)
     scale = np.sqrt(np.max(np.diag(cov)))
     assert np.max(np.abs(s.mean(0) - mean)) < 0.03 * scale

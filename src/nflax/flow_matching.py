@@ -69,6 +69,9 @@ from nflax.variables import needs_data_init
 
 Array = jax.Array
 WHO = "fit_flow_matching"
+# Steps between validations by default (or one epoch, if longer): the validation loss takes
+# thousands of field evaluations, more than a training step on a 1024-point set.
+DEFAULT_EVAL_EVERY = 50
 
 
 @dataclass
@@ -253,7 +256,8 @@ def fit_flow_matching(
         max_grad_norm, restore_best, chunk_size, progress, callback, checkpoint_dir,
         checkpoint_every, keep_checkpoints, resume, mesh, devices, ema: as in
         :func:`nflax.fit`; the monitored metric is the flow-matching loss of the held-out
-        rows (``patience`` and ``restore_best`` act on it).
+        rows (``patience`` and ``restore_best`` act on it), evaluated by default every 50
+        steps or once per epoch, whichever is longer.
       optimizer: default :func:`default_flow_matching_optimizer` ``(steps)``.
       ot: pair each minibatch's noise with its data by an entropic optimal-transport plan
         (:func:`sinkhorn_pairing`) instead of at random. It costs a Sinkhorn solve on a
@@ -296,7 +300,7 @@ def fit_flow_matching(
     split = _split_rows(data, ctx, key_split, _num_val(len(data), val_fraction), bsz, mesh)
     settings = replace(
         settings,
-        eval_every=settings.eval_every or split.num_batches,
+        eval_every=settings.eval_every or max(split.num_batches, DEFAULT_EVAL_EVERY),
         restore_best=(split.has_val or patience is not None)
         if restore_best is None
         else settings.restore_best,
