@@ -170,8 +170,7 @@ def _banana_run(seed):
     x, xt = ds.sample(key_data, 1024), ds.sample(key_test, 16384)
     flow = nflax.flows.cnf(2, actnorm=True, rngs=nnx.Rngs(seed))
     fit_flow_matching(
-        flow, x, key=key_fit, steps=8000, patience=1000, val_fraction=0.1, progress=False,
-        **FLOW_MATCHING,
+        flow, x, key=key_fit, steps=8000, val_fraction=0.1, progress=False, **FLOW_MATCHING,
     )  # fmt: skip
     return flow, nflax.evaluate(flow, xt, log_prob_true=ds.log_prob), xt
 
@@ -230,16 +229,16 @@ def test_cli_objective_is_flow_matching_for_cnf_by_default_and_only_for_it(capsy
     def config(*flags):
         config, _ = train_config(build_parser().parse_args(["train", *flags]), runs)
         kw = config["flow_kwargs"]
-        return config["objective"], config["steps"], kw["hidden"], config["weight_decay"]
+        steps, decay, patience = config["steps"], config["weight_decay"], config["patience"]
+        return config["objective"], steps, kw["hidden"], decay, patience
 
-    assert config("--flow", "cnf") == ("flow-matching", 8000, [64, 64, 64], 0.0)
+    assert config("--flow", "cnf") == ("flow-matching", 8000, [64, 64, 64], 0.0, None)
     assert config("--flow", "cnf", "--objective", "likelihood") == (
-        "likelihood", 4000, [64, 64, 64], 3.0
+        "likelihood", 4000, [64, 64, 64], 3.0, 1000
     )  # fmt: skip
-    assert config() == ("likelihood", 4000, [64, 64], 3.0)
-    assert config("--flow", "cnf", "--steps", "5", "--hidden", "8", "--weight-decay", "1") == (
-        "flow-matching", 5, [8], 1.0
-    )  # fmt: skip
+    assert config() == ("likelihood", 4000, [64, 64], 3.0, 1000)
+    flags = ["--steps", "5", "--hidden", "8", "--weight-decay", "1", "--patience", "7"]
+    assert config("--flow", "cnf", *flags) == ("flow-matching", 5, [8], 1.0, 7)
     assert main(["train", "--flow", "realnvp", "--objective", "flow-matching"]) == 2
     assert "--objective flow-matching trains a continuous flow" in capsys.readouterr().err
 

@@ -56,6 +56,7 @@ DEFAULT_WEIGHT_DECAY = {"likelihood": 3.0, "flow-matching": 0.0}
 # `nflax train`'s steps per objective and hidden sizes per flow, when not given (flow
 # matching's steps are cheap, no ODE solve, and its noisy regression wants more of them)
 TRAIN_STEPS = {"likelihood": 4000, "flow-matching": 8000}
+TRAIN_PATIENCE = {"likelihood": 1000, "flow-matching": None}
 TRAIN_HIDDEN = {"cnf": [64, 64, 64]}
 DEFAULT_HIDDEN = [64, 64]
 FLOW_MATCHING_FLOWS = ("cnf",)
@@ -246,8 +247,9 @@ def _add_recipe_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--patience",
         type=_positive_int,
-        default=1000,
-        help="early stopping patience in steps, on the validation NLL",
+        default=None,
+        help="early stopping patience in steps, on the validation loss (default 1000 with "
+        "likelihood; none with flow-matching, whose flow is the moving average of the whole run)",
     )
     t.add_argument(
         "--no-early-stopping",
@@ -414,6 +416,8 @@ def _train_config(args, runs) -> tuple[dict, str]:
         config["steps"] = TRAIN_STEPS[config["objective"]]
     if config["weight_decay"] is None:
         config["weight_decay"] = DEFAULT_WEIGHT_DECAY[config["objective"]]
+    if args.patience is None and not args.no_early_stopping:
+        config["patience"] = TRAIN_PATIENCE[config["objective"]]
     if args.conditional:
         from nflax import flows
 
