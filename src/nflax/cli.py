@@ -57,7 +57,7 @@ DEFAULT_WEIGHT_DECAY = {"likelihood": 3.0, "flow-matching": 0.0}
 # matching's steps are cheap, no ODE solve, and its noisy regression wants more of them)
 TRAIN_STEPS = {"likelihood": 4000, "flow-matching": 8000}
 TRAIN_PATIENCE = {"likelihood": 1000, "flow-matching": None}
-TRAIN_HIDDEN = {"cnf": [64, 64, 64]}
+TRAIN_HIDDEN = {"cnf": [128, 128, 128]}
 DEFAULT_HIDDEN = [64, 64]
 FLOW_MATCHING_FLOWS = ("cnf",)
 
@@ -79,7 +79,7 @@ _SHARED_HELP = {
         "tanh is the tutorial's",
         "lr": "peak adamw learning rate, on the --schedule",
         "out": "runs/<dataset>-<time>/",
-        "hidden": "64 64; 64 64 64 for cnf",
+        "hidden": "64 64; 128 128 128 for cnf",
         "steps": "4000; 8000 with flow matching",
     },
     "vi": {

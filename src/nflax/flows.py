@@ -430,7 +430,7 @@ def nsf(
 def cnf(
     dim: int,
     *,
-    hidden: Sequence[int] = (64, 64, 64),
+    hidden: Sequence[int] = (128, 128, 128),
     activation: str = "silu",
     time_frequencies: int = 4,
     actnorm: bool = False,

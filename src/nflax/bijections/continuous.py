@@ -34,8 +34,8 @@ from nflax.variables import Buffer
 Array = jax.Array
 
 #: The largest dimension whose trace ``trace="auto"`` computes exactly. Measured on 2 shared
-#: CPU cores (``benchmarks/cnf.py --trace-cost``: one evaluation of the default field and its
-#: trace on 1024 points), exact / Hutchinson cost 1.3× at dim 2, 2.4× at 4, 2.7× at 8, 2.9×
+#: CPU cores (``benchmarks/cnf.py --trace-cost``: one evaluation of a 3 × 64 silu field and
+#: its trace on 1024 points), exact / Hutchinson cost 1.3× at dim 2, 2.4× at 4, 2.7× at 8, 2.9×
 #: at 16, then 9× at 32 and 53× at 64: up to 16 the exact value costs under 3×.
 EXACT_TRACE_MAX_DIM = 16
 
