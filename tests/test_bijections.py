@@ -230,6 +230,24 @@ def test_stack_equals_chain():
     np.testing.assert_allclose(stack_ld, chain_ld, atol=1e-5)
 
 
+def test_stack_unroll_auto_unrolls_shallow_stacks_only_and_computes_the_same():
+    def stack(n, **kw):
+        return Stack([_coupling(2, nnx.Rngs(i), i % 2) for i in range(n)], **kw)
+
+    limit = Stack.AUTO_UNROLL_LAYERS
+    assert stack(limit).unroll == limit and stack(limit + 1).unroll == 1  # "auto", the default
+    assert stack(3, unroll=True).unroll == 3 and stack(3, unroll=False).unroll == 1
+    assert stack(4, unroll=2).unroll == 2
+    for bad in ("always", 0):
+        with pytest.raises(ValueError, match="unroll must be 'auto', a bool or an int"):
+            stack(2, unroll=bad)
+    scanned, unrolled = stack(4, unroll=False), stack(4, unroll=True)
+    perturb(scanned, jax.random.key(0))
+    nnx.update(unrolled, nnx.state(scanned))  # the same parameters, another compiled program
+    for a, b in zip(scanned.forward(_inputs(2)), unrolled.forward(_inputs(2)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_stack_rejects_heterogeneous_layers():
     with pytest.raises(ValueError, match="differs in structure"):
         Stack([LeakyReLU(2), _coupling(2, nnx.Rngs(0))])

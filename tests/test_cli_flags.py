@@ -224,7 +224,7 @@ def test_vi_dim(tmp_path, capsys):
 
 
 SHARED = ["--flow", "--layers", "--hidden", "--leaky-relu", "--activation", "--steps", "--lr"]
-SHARED += ["--seed", "--out", "--no-plots", "--quiet"]
+SHARED += ["--seed", "--out", "--no-plots", "--quiet", "--no-cache"]
 
 
 def test_train_and_vi_share_one_declaration_of_their_common_flags():

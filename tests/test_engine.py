@@ -2,6 +2,9 @@
 (``fit_vi``) share the NaN guard, patience on a plateau, exact resume from checkpoints, the
 parameter average and the callback. (Meshes: tests/mesh_worker.py runs both on 4 devices.)"""
 
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +108,17 @@ def test_ema_zero_is_the_plain_iterate_and_a_callback_can_stop(objective):
     assert hb.stop_reason == "callback" and hb.steps_run == 20 and len(calls) == 2
     np.testing.assert_array_equal(_losses(objective, ha)[:20], _losses(objective, hb))
     assert calls[-1]["steps_per_second"] > 0 and np.isfinite(calls[-1]["loss"])
+
+
+def test_the_objective_in_docs_engine_md_runs_as_written(capsys):
+    """docs/engine.md's whole custom objective trains a flow through the engine."""
+    text = (Path(__file__).parent.parent / "docs" / "engine.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    namespace: dict = {}
+    exec(compile(code, "docs/engine.md", "exec"), namespace)
+    run = namespace["run"]
+    assert run.steps_run == 300 and run.stop_reason == "steps"
+    loss = run.outputs[0]
+    assert np.all(np.isfinite(loss)) and loss[-20:].mean() < loss[:20].mean() - 1.0
+    steps, reason, last = capsys.readouterr().out.split()
+    assert (int(steps), reason) == (300, "steps") and float(last) == loss[-1]

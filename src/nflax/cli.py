@@ -130,8 +130,18 @@ def _shared_flags(command: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help=f"run folder (default: {words['out']})")
     p.add_argument("--no-plots", action="store_true", help="skip the four figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    _add_cache_flag(p)
     p.set_defaults(**SHARED_DEFAULTS[command])
     return p
+
+
+def _add_cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not keep compiled programs on disk (JAX's persistent compilation cache, in "
+        "$NFLAX_CACHE_DIR or ~/.cache/nflax/jax; NFLAX_NO_CACHE=1 does the same)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--num", type=_positive_int, default=1000, help="number of samples")
     s.add_argument("-o", "--output", required=True, help="output file, .npy or .csv")
     s.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_cache_flag(s)
     _add_vi_flags(
         sub.add_parser(
             "vi",
@@ -300,14 +311,38 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     """Run the command; a :class:`nflax.runs.RunError` (bad input found while running) is a
-    usage error too. :mod:`nflax.runs` (and JAX) is imported only once the flags parse."""
-    from nflax import runs
+    usage error too. :mod:`nflax.runs` (and JAX) is imported only once the flags parse.
+
+    The command keeps its compiled programs in JAX's persistent compilation cache
+    (:func:`cache_dir`), so the next command with the same settings loads them from disk; a
+    cache folder that cannot be used costs one warning line, never the run."""
+    from nflax import _compile, runs
 
     try:
-        {"train": _train, "vi": _vi, "sample": _sample}[args.command](args, runs)
+        with _compile.persistent_cache(cache_dir(args.no_cache)):
+            {"train": _train, "vi": _vi, "sample": _sample}[args.command](args, runs)
     except runs.RunError as e:
         raise UsageError(str(e)) from None
     return 0
+
+
+NO_CACHE_VALUES = ("", "0", "false", "no", "off")
+
+
+def cache_dir(no_cache: bool = False) -> str | None:
+    """The folder of the persistent compilation cache: ``$NFLAX_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/nflax/jax``, else ``~/.cache/nflax/jax``; ``None`` (off) with
+    ``--no-cache`` or ``NFLAX_NO_CACHE`` set to anything but 0/false/no/off.
+
+    >>> cache_dir(no_cache=True) is None
+    True
+    """
+    if no_cache or os.environ.get("NFLAX_NO_CACHE", "").strip().lower() not in NO_CACHE_VALUES:
+        return None
+    if os.environ.get("NFLAX_CACHE_DIR"):
+        return os.environ["NFLAX_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "nflax", "jax")
 
 
 # ---------------------------------------------------------------------------------------------

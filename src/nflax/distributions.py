@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nflax import _compile
 from nflax.bijections.base import Bijection, Buffer
 
 Array = jax.Array
@@ -401,3 +403,44 @@ class Flow(nnx.Module):
     def layer_names(self) -> list[str]:
         """Elementary layer names in forward order (``trajectory(x)[i + 1]`` follows layer i)."""
         return self.bijection.layer_names()
+
+
+# ---- compiled entry points: one program per flow structure and shape, reused ---------------
+def compiled_log_prob(flow: Flow, x, context=None) -> Array:
+    """``flow.log_prob(x, context)``, compiled once per flow structure and shapes of ``x`` and
+    ``context`` and reused by every later call (a fresh ``jax.jit(flow.log_prob)``, or an eager
+    call, compiles again each time). The flow is not changed.
+
+    >>> import nflax
+    >>> flow = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> [round(float(v), 4) for v in compiled_log_prob(flow, jnp.zeros((2, 2)))]  # −log 2π
+    [-1.8379, -1.8379]
+    """
+    graphdef, state = nnx.split(flow)
+    return _log_prob_program(_compile.Static(graphdef), state, jnp.asarray(x), context)
+
+
+def compiled_sample(flow: Flow, key: Array, n: int, context=None) -> Array:
+    """``flow.sample(key, n, context)`` (noise → data), compiled once per flow structure,
+    ``n`` and context shape and reused by every later call. The flow is not changed.
+
+    >>> import nflax
+    >>> flow = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> compiled_sample(flow, jax.random.key(0), 5).shape
+    (5, 2)
+    >>> key = jax.random.key(0)
+    >>> bool(jnp.allclose(compiled_sample(flow, key, 5), flow.sample(key, 5)))
+    True
+    """
+    graphdef, state = nnx.split(flow)
+    return _sample_program(_compile.Static(graphdef), state, key, int(n), context)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _log_prob_program(graphdef: _compile.Static, state, x, context):
+    return nnx.merge(graphdef.value, state).log_prob(x, context)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _sample_program(graphdef: _compile.Static, state, key, n: int, context):
+    return nnx.merge(graphdef.value, state).sample(key, n, context)

@@ -166,13 +166,13 @@ def _fm_loss(model, params, rest, xb, cb, w, key, ot, mesh=None, train=True):
     return (err.mean() if w is None else jnp.sum(err * w) / jnp.sum(w)), new_rest
 
 
-def _objective(model: Model, split: _Split, key: Array, ot: bool, nll_every, mesh) -> Objective:
+def _objective(model: Model, split: _Split, key: Array, ot: bool, nll_every, mesh):
     """The flow-matching loss of a minibatch (the rows drawn as :func:`nflax.fit` draws them,
     fresh noise and times from ``fold_in(key, step)``), validated by the loss on the held-out
     rows (``val_draws`` fixed draws of noise and times, each paired as in training) and, every
     ``nll_every`` steps, their exact NLL."""
     k_rows, k_noise, k_val = jax.random.split(key, 3)
-    rows = _likelihood_objective(model, split, k_rows, mesh)
+    rows = _likelihood_objective(model.definition, split.plan, mesh)
     n_val = split.data[1].shape[0] if split.has_val else 0
     val_draws = int(min(64, max(1, -(-4096 // max(n_val, 1)))))
 
@@ -185,7 +185,7 @@ def _objective(model: Model, split: _Split, key: Array, ot: bool, nll_every, mes
         return _fm_loss(model, params, rest, xb, cb, w, k, ot, mesh)
 
     def validate(params, rest, t, data):
-        _, x_val, _, c_val, _ = data
+        _, x_val, _, c_val, _ = data["rows"]
 
         def draw(k):  # one fixed draw of noise and times for every held-out row
             return _fm_loss(model, params, rest, x_val, c_val, None, k, ot, train=False)[0]
@@ -201,7 +201,8 @@ def _objective(model: Model, split: _Split, key: Array, ot: bool, nll_every, mes
         return metric, (val_nll,)
 
     has_val = split.has_val
-    return Objective(loss, inputs, validate if has_val else None, 1 if has_val else 0, rows.extra)
+    objective = Objective(loss, inputs, validate if has_val else None, int(has_val), rows.extra)
+    return objective, {"rows": split.data, "key": k_rows, "frozen": model.frozen}
 
 
 def default_flow_matching_optimizer(
@@ -317,13 +318,13 @@ def fit_flow_matching(
         raise ValueError(f"{WHO}: resume=True needs a checkpoint_dir")
     _initialize_prefix(flow, split)
     model = split_model(flow)
-    objective = _objective(model, split, key_train, bool(ot), nll_every, mesh)
+    objective, train_data = _objective(model, split, key_train, bool(ot), nll_every, mesh)
     run = train(
         flow,
         model,
         objective,
         tx,
-        split.data,
+        train_data,
         settings,
         report=Report(_describer(split.has_val), callback),
         progress=progress,

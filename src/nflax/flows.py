@@ -256,8 +256,8 @@ def realnvp(
     ``activation`` names the conditioners' activation (:data:`nflax.nets.ACTIVATIONS`):
     ``"tanh"`` is the tutorial's; ``"silu"`` keeps growing beyond the training data, so the
     flow's tails extrapolate instead of saturating (``nflax train`` uses it; measured in
-    ``benchmarks/README.md``). The identical blocks are stacked and scanned, so compile time
-    does not grow with ``num_layers``.
+    ``benchmarks/README.md``). The identical blocks form one :class:`~nflax.bijections.Stack`:
+    unrolled up to 8 layers (faster steps), scanned beyond (compile time flat in depth).
 
     >>> flow = realnvp(2, num_layers=4, rngs=nnx.Rngs(0))  # a fresh flow is the identity
     >>> [round(float(v), 4) for v in flow.log_prob(jnp.zeros((3, 2)))]  # −log 2π
@@ -285,9 +285,9 @@ def planar(
 
     Each layer is ``z = x + û·tanh(wᵀx + b)`` in the forward (data → latent) direction, so
     ``log_prob`` is closed-form and sampling inverts each layer numerically (bisection + one
-    Newton step, float precision). The identical layers are stacked and scanned. Planar
-    layers have no conditioner: with ``context_dim`` the flow is conditional through its base,
-    a :class:`~nflax.distributions.ConditionalDiagNormal`.
+    Newton step, float precision). The identical layers form one ``Stack`` (see
+    :func:`realnvp`). Planar layers have no conditioner: with ``context_dim`` the flow is
+    conditional through its base, a :class:`~nflax.distributions.ConditionalDiagNormal`.
 
     >>> import jax
     >>> flow = planar(2, num_layers=4, rngs=nnx.Rngs(0))
@@ -316,9 +316,10 @@ def nice(
     """NICE (Dinh et al. 2015): additive couplings with alternating masks, then a diagonal scale.
 
     ``num_layers`` :class:`~nflax.bijections.coupling.AdditiveCoupling` layers (volume
-    preserving, MLP conditioners, masks ``[1,0,…]`` / ``[0,1,…]`` alternating), stacked and
-    scanned, followed by one elementwise :class:`~nflax.bijections.Affine` — the paper's
-    diagonal scaling, the only layer that changes volume.
+    preserving, MLP conditioners, masks ``[1,0,…]`` / ``[0,1,…]`` alternating), in one
+    ``Stack`` (see :func:`realnvp`), followed by one elementwise
+    :class:`~nflax.bijections.Affine` — the paper's diagonal scaling, the only layer that
+    changes volume.
 
     >>> flow = nice(2, num_layers=4, hidden=(8,), rngs=nnx.Rngs(0))  # a fresh flow is the identity
     >>> [round(float(v), 4) for v in flow.log_prob(jnp.zeros((3, 2)))]  # −log 2π
@@ -343,8 +344,8 @@ def maf(
 
     ``num_layers`` :class:`~nflax.bijections.autoregressive.MaskedAutoregressive` layers whose
     autoregressive order is reversed from one layer to the next (dim 1: one order; dim 2: a
-    flip), stacked and scanned. Density (``log_prob``, forward) costs one pass per layer;
-    sampling (inverse) costs ``dim`` passes per layer.
+    flip), in one ``Stack`` (see :func:`realnvp`). Density (``log_prob``, forward) costs one
+    pass per layer; sampling (inverse) costs ``dim`` passes per layer.
 
     >>> flow = maf(2, num_layers=3, hidden=(8,), rngs=nnx.Rngs(0))  # a fresh flow is the identity
     >>> [round(float(v), 4) for v in flow.log_prob(jnp.zeros((3, 2)))]  # −log 2π
@@ -403,9 +404,9 @@ def nsf(
     conditioners and alternating masks (one pass both ways). ``variant="autoregressive"``:
     :class:`~nflax.bijections.autoregressive.MaskedAutoregressive` spline layers with the order
     reversed between layers (one pass for density, ``dim`` for sampling). Either way the
-    layers are stacked and scanned. The splines only act inside ``[-bound, bound]``:
-    ``actnorm=True`` puts an :class:`~nflax.bijections.ActNorm` first so that standardised
-    data fall inside it (``nflax train`` uses it).
+    layers form one ``Stack`` (see :func:`realnvp`). The splines only act inside
+    ``[-bound, bound]``: ``actnorm=True`` puts an :class:`~nflax.bijections.ActNorm` first so
+    that standardised data fall inside it (``nflax train`` uses it).
 
     >>> flow = nsf(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))  # a fresh flow is the identity
     >>> [round(float(v), 4) for v in flow.log_prob(jnp.zeros((3, 2)))]  # −log 2π

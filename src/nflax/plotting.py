@@ -356,11 +356,8 @@ def plot_history(history: History) -> Figure:
         if len(history.val_loss):
             lo = min(lo, float(np.nanmin(history.val_loss)))
             hi = max(hi, float(np.nanquantile(history.val_loss, 0.98)))
-        margin = 0.05 * max(hi - lo, 1e-3)
-        ax.set_ylim(lo - margin, hi + margin)
-    ax.set_xlabel("step")
-    ax.set_ylabel("NLL (nats)" if name == "NLL" else name)
-    ax.set_title(f"stopped: {history.stop_reason} after {history.steps_run} steps", fontsize=9)
+        _set_ylim(ax, lo, hi, 0.05)
+    _label_steps(ax, history, "NLL (nats)" if name == "NLL" else name)
     ax.legend(fontsize=8)
     if not math.isnan(history.steps_per_second):
         ax.text(
@@ -373,6 +370,19 @@ def plot_history(history: History) -> Figure:
             fontsize=7,
         )
     return fig
+
+
+def _set_ylim(ax, lo: float, hi: float, margin: float) -> None:
+    """Y limits ``[lo, hi]`` widened by ``margin`` of their span on each side."""
+    pad = margin * max(hi - lo, 1e-3)
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def _label_steps(ax, history, ylabel: str) -> None:
+    """Axis labels of a per-step curve, titled with how the run stopped."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"stopped: {history.stop_reason} after {history.steps_run} steps", fontsize=9)
 
 
 def plot_elbo(history, log_normalizer: float | None = None) -> Figure:
@@ -397,11 +407,8 @@ def plot_elbo(history, log_normalizer: float | None = None) -> Figure:
     if finite.size:
         hi = max(float(np.max(finite)), log_normalizer if log_normalizer is not None else -np.inf)
         lo = float(np.quantile(finite, 0.05))
-        margin = 0.1 * max(hi - lo, 1e-3)
-        ax.set_ylim(lo - margin, hi + margin)
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats")
-    ax.set_title(f"stopped: {history.stop_reason} after {history.steps_run} steps", fontsize=9)
+        _set_ylim(ax, lo, hi, 0.1)
+    _label_steps(ax, history, "nats")
     ax.legend(fontsize=7)
     ax_ess.plot(history.eval_steps, history.ess_fraction, "o-", ms=3, lw=0.8, color="tab:green")
     ax_ess.set_ylim(0, 1.02)

@@ -9,6 +9,7 @@ patience, the NaN guard, checkpoints and resume.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -21,13 +22,15 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from nflax import parallel
+from nflax import _compile, parallel
+from nflax._optim import scale_by_warmup_cosine, with_numbers
 from nflax.datafiles import nonfinite_rows
 from nflax.distributions import Flow
 from nflax.engine import (
     FROZEN,
     Checkpointing,
     Model,
+    ModelDef,
     Objective,
     Report,
     Run,
@@ -64,6 +67,11 @@ class History:
     parameters at step ``val_steps[i]``. ``best_step`` is the step whose parameters the flow
     holds at the end when the best parameters were restored. ``val_index`` lists the rows of
     the data that were held out for validation.
+
+    ``chunk_program`` says how the compiled training program was obtained: ``"compiled"``,
+    ``"loaded"`` (from JAX's persistent compilation cache) or ``"reused"`` (compiled by an
+    earlier call in this process for the same flow structure, data shapes, optimizer and
+    settings); ``compile_seconds`` is what that took.
     """
 
     loss: np.ndarray
@@ -79,6 +87,7 @@ class History:
     steps_per_second: float = float("nan")
     compile_seconds: float = float("nan")
     train_seconds: float = float("nan")
+    chunk_program: str = "compiled"
 
     def to_dict(self) -> dict:
         """Plain Python types (lists and numbers), ready for JSON."""
@@ -142,6 +151,11 @@ def default_optimizer(
     """``nflax train``'s optimizer: adamw on :func:`warmup_cosine` (or a constant rate), its
     weight decay on the conditioners' kernels only (:func:`kernel_mask`).
 
+    It is ``optax.adamw`` step for step, built so that the learning rate, the step count and
+    the weight decay are values in the optimizer state rather than constants in the compiled
+    program: a program compiled for one of them is reused for any other (in this process,
+    or from JAX's persistent compilation cache in the next).
+
     The weight decay is strong on purpose. adamw shrinks each kernel by ``lr·weight_decay``
     per step, which keeps the conditioners smooth where there are no data, so the tails of
     the density stop degrading as training goes on. With silu conditioners on the banana set
@@ -158,8 +172,18 @@ def default_optimizer(
             f"default_optimizer: schedule must be 'warmup-cosine' or 'constant', received "
             f"{schedule!r}"
         )
-    lr = warmup_cosine(learning_rate, steps) if schedule == "warmup-cosine" else learning_rate
-    return optax.adamw(lr, weight_decay=weight_decay, mask=kernel_mask)
+    steps = positive_int("steps", steps, "default_optimizer")
+    warmup = min(200, max(steps // 10, 1))  # as warmup_cosine
+    decay = optax.inject_hyperparams(optax.add_decayed_weights, static_args="mask")
+    tx = optax.chain(
+        optax.scale_by_adam(),
+        decay(weight_decay=0.0, mask=kernel_mask),
+        scale_by_warmup_cosine(constant=schedule == "constant"),
+    )
+    total = max(steps, warmup + 1)
+    return with_numbers(
+        tx, peak=learning_rate, warmup=warmup, total=total, weight_decay=weight_decay
+    )
 
 
 def check_data(x, event_shape: tuple[int, ...], name: str = "x") -> np.ndarray:
@@ -225,7 +249,11 @@ class _Split:
 
     @property
     def num_batches(self) -> int:
-        return -(-self.n_train // self.batch_size)
+        return self.plan.num_batches
+
+    @property
+    def plan(self) -> _Plan:
+        return _Plan(self.n_train, self.batch_size, self.full_batch, self.has_val)
 
 
 def _split_rows(data, ctx, key, n_val: int, batch_size: int | None, mesh) -> _Split:
@@ -256,24 +284,41 @@ def _split_rows(data, ctx, key, n_val: int, batch_size: int | None, mesh) -> _Sp
     return _Split((x_train, x_val, c_train, c_val, w_full), val_index, n_train, bsz, full_batch)
 
 
-def _likelihood_objective(model: Model, split: _Split, key: Array, mesh: Mesh | None) -> Objective:
+@dataclass(frozen=True)
+class _Plan:
+    """The minibatch plan: what the likelihood objective's program is built for (hashable)."""
+
+    n_train: int
+    batch_size: int
+    full_batch: bool
+    has_val: bool
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.n_train // self.batch_size)
+
+
+def _likelihood_objective(model: ModelDef, plan: _Plan, mesh: Mesh | None) -> Objective:
     """Maximum likelihood: the mean NLL of a minibatch drawn on the device (a fresh
-    permutation per epoch, from ``key``), validated on the held-out rows."""
+    permutation per epoch, from ``data["key"]``), validated on the held-out rows.
+
+    The functions capture only the flow's structure, the plan and the mesh; the rows, the key
+    and the flow's frozen state are ``data``, so one program serves every call alike."""
 
     def inputs(perm, t, data):
-        x_train, _, c_train, _, w_full = data
-        if split.full_batch:
+        x_train, _, c_train, _, w_full = data["rows"]
+        if plan.full_batch:
             xb, cb, w = x_train, c_train, w_full
         else:
-            b = t % split.num_batches
+            b = t % plan.num_batches
             perm = jax.lax.cond(
                 b == 0,
                 lambda: epoch_permutation(
-                    key, t // split.num_batches, split.n_train, split.batch_size
+                    data["key"], t // plan.num_batches, plan.n_train, plan.batch_size
                 ),
                 lambda: perm,
             )
-            idx, w = batch_indices(perm, b, split.n_train, split.batch_size)
+            idx, w = batch_indices(perm, b, plan.n_train, plan.batch_size)
             xb, w = x_train[idx], w.astype(x_train.dtype)
             cb = c_train[idx] if c_train is not None else None
         if mesh is not None:  # each device takes its slice of the rows
@@ -282,14 +327,15 @@ def _likelihood_objective(model: Model, split: _Split, key: Array, mesh: Mesh | 
 
     def loss(params, rest, batch, data):
         xb, cb, w = batch
-        return _nll(model, params, rest, xb, w, cb)
+        return _nll(model.bind(data["frozen"]), params, rest, xb, w, cb)
 
     def validate(params, rest, t, data):
-        _, x_val, _, c_val, _ = data
-        return _nll(model, params, rest, x_val, None, c_val, train=False)[0], ()
+        _, x_val, _, c_val, _ = data["rows"]
+        bound = model.bind(data["frozen"])
+        return _nll(bound, params, rest, x_val, None, c_val, train=False)[0], ()
 
-    perm0 = jnp.zeros((1 if split.full_batch else split.num_batches * split.batch_size,), jnp.int32)
-    return Objective(loss, inputs, validate if split.has_val else None, extra=perm0)
+    perm0 = jnp.zeros((1 if plan.full_batch else plan.num_batches * plan.batch_size,), jnp.int32)
+    return Objective(loss, inputs, validate if plan.has_val else None, extra=perm0)
 
 
 def fit(
@@ -340,6 +386,10 @@ def fit(
       restore_best: leave the flow with the best parameters seen (by the monitored loss);
         default on when there is a validation split or a patience.
       chunk_size: optimizer steps per compiled call (Python wakes up between chunks).
+        The compiled chunk is kept: a later ``fit`` with a flow of the same structure, data
+        of the same shapes, an equal optimizer and the same chunk size, averaging and
+        early stopping on or off reuses it (``steps``, ``eval_every``, ``patience``, the key
+        and the data values may differ); ``History.chunk_program`` says which happened.
       progress: progress bar on stderr; default on when stderr is a terminal.
       callback: ``callback(step, metrics)`` called between chunks; returning ``True`` stops.
       checkpoint_dir: save the whole training state (flow, optimizer, step, minibatch order,
@@ -412,13 +462,13 @@ def fit(
         checkpointing.fingerprint.update(_fingerprint(data, ctx, key, val_fraction, split, ema))
     _initialize_from_data(flow, split)
     model = split_model(flow)
-    objective = _likelihood_objective(model, split, key_shuffle, mesh)
+    objective = _likelihood_objective(model.definition, split.plan, mesh)
     run = train(
         flow,
         model,
         objective,
         tx,
-        split.data,
+        {"rows": split.data, "key": key_shuffle, "frozen": model.frozen},
         settings,
         report=_report(split, callback),
         progress=progress,
@@ -511,6 +561,7 @@ def _history(run: Run, split: _Split) -> History:
         steps_per_second=run.steps_per_second,
         compile_seconds=run.compile_seconds,
         train_seconds=run.train_seconds,
+        chunk_program=run.program,
     )
 
 
@@ -548,10 +599,12 @@ def nll(
 ) -> np.ndarray:
     """Per-point negative log-likelihood ``−log p(x [| context])`` under ``flow`` (host array).
 
-    ``x`` is evaluated ``batch_size`` rows at a time. With ``mesh`` (a ``jax.sharding.Mesh``
-    with a ``"data"`` axis, Auto or Explicit) or ``devices="all"``, the rows of each batch are
-    split over that axis and the flow is replicated; with several processes every process
-    passes the same ``x`` and receives every row's NLL.
+    ``x`` is evaluated ``batch_size`` rows at a time (a last, shorter batch is padded, so all
+    batches share one shape). The program is compiled once per flow structure and batch
+    shape and reused by every later call, :func:`nflax.evaluate`'s too. With ``mesh`` (a
+    ``jax.sharding.Mesh`` with a ``"data"`` axis, Auto or Explicit) or ``devices="all"``, the
+    rows of each batch are split over that axis and the flow is replicated; with several
+    processes every process passes the same ``x`` and receives every row's NLL.
 
     >>> import nflax, jax
     >>> flow = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(0))
@@ -561,18 +614,44 @@ def nll(
     data = check_data(x, flow.event_shape)
     ctx = _check_context(flow, context, data.shape[0])
     mesh = parallel.resolve_mesh(mesh, devices, "nll")
+    batch_size = positive_int("batch_size", batch_size, "nll")
     graphdef, frozen, state = nnx.split(flow, FROZEN, ...)
-    neg_log_prob = lambda s, xb, cb: -nnx.merge(graphdef, frozen, s).log_prob(xb, cb)
-    if mesh is None:
-        fn = jax.jit(neg_log_prob)
-    else:  # every process receives the whole result
-        fn = jax.jit(neg_log_prob, out_shardings=parallel.replicated(mesh))
-        state = jax.device_put(state, parallel.replicated(mesh))
+    fn = _NEG_LOG_PROB if mesh is None else _neg_log_prob_on(mesh)
+    if mesh is not None:  # every process receives the whole result
+        frozen, state = jax.device_put((frozen, state), parallel.replicated(mesh))
     out = []
-    for i in range(0, len(data), batch_size):
-        rows = (data[i : i + batch_size], None if ctx is None else ctx[i : i + batch_size])
-        n = len(rows[0])
+    for start, rows in _equal_batches((data, ctx), len(data), batch_size):
+        n = min(batch_size, len(data) - start)
         if mesh is not None:
             rows = parallel.put_rows(rows, mesh)
-        out.append(np.asarray(fn(state, *rows))[:n])
+        out.append(np.asarray(fn(_compile.Static(graphdef), frozen, state, *rows))[:n])
     return np.concatenate(out)
+
+
+def _neg_log_prob(graphdef: _compile.Static, frozen, state, x, context):
+    return -nnx.merge(graphdef.value, frozen, state).log_prob(x, context)
+
+
+# compiled once per flow structure and batch shape (the structure is a static argument,
+# compared by value), so a second nll or evaluate of a flow of that structure compiles nothing
+_NEG_LOG_PROB = jax.jit(_neg_log_prob, static_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _neg_log_prob_on(mesh: Mesh):
+    """:func:`_neg_log_prob` with its result replicated over ``mesh``."""
+    return jax.jit(_neg_log_prob, static_argnums=0, out_shardings=parallel.replicated(mesh))
+
+
+def _equal_batches(rows: tuple, n: int, batch_size: int):
+    """``(start, rows)`` for consecutive batches of ``min(n, batch_size)`` rows each: the last
+    is padded with copies of its first row, so every batch has one shape and one program."""
+    size = min(n, batch_size)
+    for start in range(0, n, size):
+        part = tuple(None if a is None else a[start : start + size] for a in rows)
+        short = size - min(size, n - start)
+        if short:
+            part = tuple(
+                None if a is None else np.concatenate([a, np.repeat(a[:1], short, 0)]) for a in part
+            )
+        yield start, part

@@ -47,11 +47,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from nflax import parallel
+from nflax import _compile, parallel
+from nflax._optim import scale_by_warmup_cosine, with_numbers
 from nflax.distributions import Flow
 from nflax.engine import (
     Checkpointing,
     Model,
+    ModelDef,
     Objective,
     Report,
     Run,
@@ -76,7 +78,10 @@ class VIHistory:
     ``t``, with the parameters before that step's update. At the steps ``eval_steps`` a fresh
     batch of ``eval_samples`` samples gives ``eval_elbo`` (the monitored metric of patience and
     ``restore_best``), ``ess_fraction`` (ESS / number of samples) and ``log_z``
-    (``log mean w``) for the parameters of that step.
+    (``log mean w``) for the parameters of that step. ``chunk_program`` and
+    ``compile_seconds``: as in :class:`nflax.History` (a later ``fit_vi`` with a flow of the
+    same structure, an equal ``log_density`` and optimizer, and the same sample counts and
+    settings reuses the compiled program).
     """
 
     elbo: np.ndarray
@@ -95,6 +100,7 @@ class VIHistory:
     steps_per_second: float = float("nan")
     compile_seconds: float = float("nan")
     train_seconds: float = float("nan")
+    chunk_program: str = "compiled"
 
     @property
     def loss(self) -> np.ndarray:
@@ -187,8 +193,14 @@ def default_vi_optimizer(steps: int, learning_rate: float = 3e-3) -> optax.Gradi
     path-derivative gradient recover the mean to 0.3 % of the largest standard deviation and
     the covariance to 0.8 % of its largest entry; a constant ``adam(1e-3)`` missed them by
     3.4 % and 6.8 %.
+
+    It is ``optax.adam`` step for step, with the learning rate and the step count held in the
+    optimizer state, so one compiled program serves every value of them.
     """
-    return optax.adam(default_vi_schedule(steps, learning_rate))
+    steps = positive_int("steps", steps, "default_vi_optimizer")
+    warmup = min(100, steps // 10)  # as default_vi_schedule
+    tx = optax.chain(optax.scale_by_adam(), scale_by_warmup_cosine())
+    return with_numbers(tx, peak=learning_rate, warmup=warmup, total=steps)
 
 
 def check_log_density(log_density: LogDensity, dim: int, n: int, who: str = "fit_vi") -> None:
@@ -319,14 +331,16 @@ def fit_vi(
     checkpointing = _checkpointing(checkpoint_dir, keep_checkpoints, resume, fingerprint)
     _start_data_init_at_identity(flow)
     model = split_model(flow)
-    objective = _elbo_objective(model, log_density, key, num_samples, eval_samples, stl, mesh)
+    objective = _elbo_objective(model.definition, log_density, num_samples, eval_samples, stl, mesh)
+    train_key, eval_key = jax.random.split(key)
+    data = {"train_key": train_key, "eval_key": eval_key, "frozen": model.frozen}
     report = Report(_describe, callback)
     run = train(
         flow,
         model,
         objective,
         tx,
-        (),
+        data,
         settings,
         report=report,
         progress=progress,
@@ -378,30 +392,33 @@ def _start_data_init_at_identity(flow: Flow) -> None:
 
 
 def _elbo_objective(
-    model: Model,
+    model: ModelDef,
     log_density: LogDensity,
-    key: Array,
     num_samples: int,
     eval_samples: int,
     stl: bool,
     mesh: Mesh | None = None,
 ) -> Objective:
     """Reverse KL: the negative ELBO of ``num_samples`` fresh samples per step (step ``t``
-    draws from ``fold_in(k_train, t)``), validated by the ELBO, ESS fraction and ``log Z``
-    estimate of ``eval_samples`` samples (from ``fold_in(k_eval, t)``)."""
-    key_train, key_eval = jax.random.split(key)
+    draws from ``fold_in(data["train_key"], t)``), validated by the ELBO, ESS fraction and
+    ``log Z`` estimate of ``eval_samples`` samples (from ``fold_in(data["eval_key"], t)``).
+
+    The functions capture the flow's structure, ``log_density``, the counts and the mesh;
+    the keys and the flow's frozen state are ``data``, so one program serves every call."""
 
     def inputs(extra, t, data):
-        return jax.random.fold_in(key_train, t), extra
+        return jax.random.fold_in(data["train_key"], t), extra
 
     def loss(params, rest, k, data):
-        log_w, new_rest = _log_weights(model, params, rest, k, num_samples, log_density, stl, mesh)
+        bound = model.bind(data["frozen"])
+        log_w, new_rest = _log_weights(bound, params, rest, k, num_samples, log_density, stl, mesh)
         return -jnp.mean(log_w), new_rest
 
     def validate(params, rest, t, data):
-        k = jax.random.fold_in(key_eval, t)
+        k = jax.random.fold_in(data["eval_key"], t)
+        bound = model.bind(data["frozen"])
         log_w, _ = _log_weights(
-            model, params, rest, k, eval_samples, log_density, False, mesh, train=False
+            bound, params, rest, k, eval_samples, log_density, False, mesh, train=False
         )
         elbo, ess, log_z = importance_diagnostics(log_w)
         return -elbo, (ess, log_z)
@@ -433,7 +450,18 @@ def _vi_history(run: Run, num_samples: int, eval_samples: int, stl: bool) -> VIH
         steps_per_second=run.steps_per_second,
         compile_seconds=run.compile_seconds,
         train_seconds=run.train_seconds,
+        chunk_program=run.program,
     )
+
+
+def _batch_log_weights(graphdef: _compile.Static, log_density: _compile.Static, n: int, state, key):
+    """``log p̃(x) − log q(x)`` for ``n`` samples ``x ~ q`` of the flow ``(graphdef, state)``."""
+    x, log_q = nnx.merge(graphdef.value, state).sample_and_log_prob(key, n)
+    return log_density.value(x) - log_q
+
+
+# compiled once per flow structure, log_density (compared by value) and batch size
+_LOG_WEIGHTS = jax.jit(_batch_log_weights, static_argnums=(0, 1, 2))
 
 
 def vi_diagnostics(
@@ -457,15 +485,11 @@ def vi_diagnostics(
     batch = min(num_samples, 65536)
     check_log_density(log_density, dim, batch, "vi_diagnostics")
     graphdef, state = nnx.split(flow)
-
-    @jax.jit
-    def log_weights(state, k):
-        x, log_q = nnx.merge(graphdef, state).sample_and_log_prob(k, batch)
-        return log_density(x) - log_q
-
+    static = (_compile.Static(graphdef), _compile.Static(log_density), batch)
     parts, drawn, i = [], 0, 0
     while drawn < num_samples:
-        parts.append(np.asarray(log_weights(state, jax.random.fold_in(key, i)), np.float64))
+        log_w = _LOG_WEIGHTS(*static, state, jax.random.fold_in(key, i))
+        parts.append(np.asarray(log_w, np.float64))
         drawn, i = drawn + batch, i + 1
     log_w = np.concatenate(parts)[:num_samples]
     n = len(log_w)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from nflax import checkpoint
+from nflax.distributions import compiled_sample
 from nflax.runs.folder import RunError, read_config
 
 SUFFIXES = (".npy", ".csv")
@@ -35,7 +36,7 @@ def run_sample(
         flow = checkpoint.load(run / "flow")
     except checkpoint.CheckpointError as e:
         raise RunError(str(e)) from None
-    x = np.asarray(flow.sample(jax.random.key(seed), num))
+    x = np.asarray(compiled_sample(flow, jax.random.key(seed), num))
     config = read_config(run)
     std = config.get("standardize")
     if std:  # trained on a standardised file: back to its units

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from nflax import datasets
+from nflax.distributions import compiled_sample
 from nflax.runs.common import build_flow, history_metrics, save_run
 from nflax.runs.figures import vi_figures
 from nflax.runs.folder import RunError, hold_run_folder
@@ -64,7 +65,7 @@ def run_vi(
             progress=False if quiet else None,
         )
         metrics = vi_metrics(flow, target, history, key_eval)
-        samples = np.asarray(flow.sample(key_plot, NUM_EVAL_SAMPLES))
+        samples = np.asarray(compiled_sample(flow, key_plot, NUM_EVAL_SAMPLES))
         metrics.update(moment_errors(samples, target))
         save_run(run, flow, history, metrics, config)
         if plots:
