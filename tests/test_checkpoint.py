@@ -178,7 +178,7 @@ def test_register_makes_a_constructor_buildable_and_loadable(tmp_path):
         np.testing.assert_array_equal(np.asarray(back.log_prob(x)), np.asarray(flow.log_prob(x)))
     finally:
         flows.CONSTRUCTORS.pop("shifted_normal", None)
-    with pytest.raises(ValueError, match="unknown flow 'shifted_normal'; known flows: iaf"):
+    with pytest.raises(ValueError, match="unknown flow 'shifted_normal'; known flows: cnf, iaf"):
         flows.build("shifted_normal", dim=2, rngs=nnx.Rngs(0))
 
 

@@ -66,6 +66,7 @@ def test_fit_flow_matching_learns_validates_and_records_the_exact_nll(banana):
     assert np.isfinite(nflax.nll(flow, held_out)).all()
 
 
+@pytest.mark.slow  # three compiled runs; the engine's resume is tested with fit in the fast suite
 def test_exact_resume_and_same_key_same_parameters(banana, tmp_path):
     """30 steps with checkpoints, then resumed to 60, equal an uninterrupted run of 60."""
     kw = dict(key=jax.random.key(2), val_fraction=0.1, progress=False, ema=0.9)
@@ -86,6 +87,7 @@ def test_exact_resume_and_same_key_same_parameters(banana, tmp_path):
         )
 
 
+@pytest.mark.slow  # the engine's NaN guard and patience are tested with fit in the fast suite
 def test_nan_guard_and_patience(banana):
     """A learning rate of 1e30 makes the loss non-finite: the run stops and keeps the last
     finite parameters; a rate of 0 never improves the validation loss: patience stops it."""
