@@ -268,3 +268,15 @@ def test_cli_trains_a_cnf_by_likelihood(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["objective"] == "likelihood" and config["weight_decay"] == 3.0
     assert np.isfinite(json.loads((out / "metrics.json").read_text())["test_nll"])
+
+
+@pytest.mark.slow
+def test_cli_fits_a_cnf_by_variational_inference(tmp_path, capsys):
+    # reverse KL through the ODE: samples and their log-density in one inverse solve
+    out = tmp_path / "vi"
+    args = ["vi", "--flow", "cnf", "--steps", "20", "--hidden", "8", "--no-plots", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps_run"] == 20 and np.isfinite(metrics["elbo"])
+    assert metrics["elbo"] <= metrics["log_z"] + 4 * metrics["elbo_std_error"]  # ELBO ≤ log Z
+    assert json.loads(nflax.load(out / "flow").spec)["constructor"] == "cnf"

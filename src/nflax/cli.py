@@ -69,9 +69,11 @@ _fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 # The flags `train` and `vi` share: each command's defaults, and its words in their help.
 # (train's --hidden and --steps: None, resolved per flow and per objective below)
 SHARED_DEFAULTS = {
-    "train": {"layers": 8, "hidden": None, "steps": None, "lr": 2e-3},
-    "vi": {"layers": 6, "hidden": [32], "steps": 5000, "lr": 1e-2},
+    "train": {"layers": None, "hidden": None, "steps": None, "lr": 2e-3},
+    "vi": {"layers": None, "hidden": [32], "steps": 5000, "lr": 1e-2},
 }
+# --layers when not given (None above, so a flow without layers can refuse the flag)
+DEFAULT_LAYERS = {"train": 8, "vi": 6}
 DEFAULT_ACTIVATION = {"train": TRAIN_ACTIVATION, "vi": "tanh"}
 _SHARED_HELP = {
     "train": {
@@ -104,7 +106,11 @@ def _shared_flags(command: str) -> argparse.ArgumentParser:
         help="flow constructor (default: realnvp; nsf in one dimension, where a coupling can "
         "only be affine)",
     )
-    p.add_argument("--layers", type=_positive_int, help="number of layers (default: %(default)s)")
+    p.add_argument(
+        "--layers",
+        type=_positive_int,
+        help=f"number of layers (default: {DEFAULT_LAYERS[command]}; not an option of cnf)",
+    )
     p.add_argument(
         "--hidden",
         type=_positive_int,
@@ -366,8 +372,11 @@ def _flow_kwargs(args, dim: int) -> dict:
     params = inspect.signature(flows.CONSTRUCTORS[args.flow]).parameters
     activation = args.activation or DEFAULT_ACTIVATION[args.command]
     kwargs = {"dim": dim}
+    if args.layers is not None and "num_layers" not in params:
+        raise UsageError(f"--layers is not an option of flow {args.flow!r}")
+    layers = args.layers or DEFAULT_LAYERS[args.command]
     for flag, name, value in [
-        ("--layers", "num_layers", args.layers),
+        ("--layers", "num_layers", layers),
         ("--hidden", "hidden", list(_hidden(args))),
         ("--leaky-relu", "leaky_relu", args.leaky_relu),
         ("--no-actnorm", "actnorm", not getattr(args, "no_actnorm", True)),
