@@ -107,7 +107,7 @@ def worker(args) -> dict:
         compile_s.append(h.compile_seconds)
         rates.append(h.steps_per_second)
         loss = h.loss.tolist()
-    fit_text = next((t for t in map(_hlo_text, compiled) if "jit_chunk" in t[:200]), None)
+    fit_text = next((t for t in map(_hlo_text, compiled) if "chunk" in t[:200]), None)
 
     # A small train step built the way fit builds its own: the batch constrained to
     # NamedSharding(mesh, P("data")), the parameters replicated.
