@@ -3,6 +3,8 @@ resume, NaN guard, mesh), minibatch-OT pairing, context, and (slow) the quality 
 banana, conditional banana, 4-D correlated Gaussian."""
 
 import json
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -280,3 +282,15 @@ def test_cli_fits_a_cnf_by_variational_inference(tmp_path, capsys):
     assert metrics["steps_run"] == 20 and np.isfinite(metrics["elbo"])
     assert metrics["elbo"] <= metrics["log_z"] + 4 * metrics["elbo_std_error"]  # ELBO ≤ log Z
     assert json.loads(nflax.load(out / "flow").spec)["constructor"] == "cnf"
+
+
+@pytest.mark.slow
+def test_the_continuous_flows_page_runs():
+    # docs/continuous.md's example, with 50 training steps instead of 8000
+    text = (Path(__file__).parents[1] / "docs" / "continuous.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert "steps=8000" in code
+    scope = {}
+    exec(code.replace("steps=8000", "steps=50"), scope)
+    assert scope["log_p"].shape == (8,) and np.isfinite(scope["log_p"]).all()
+    assert scope["samples"].shape == (512, 2)
