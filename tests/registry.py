@@ -22,6 +22,7 @@ from nflax.bijections import (
     alternating_mask,
 )
 from nflax.bijections.autoregressive import MaskedAutoregressive
+from nflax.bijections.continuous import ContinuousFlow
 from nflax.bijections.coupling import AdditiveCoupling, SplineCoupling, half_mask
 from nflax.bijections.elementwise import Affine, Logit, Sigmoid, Tanh
 from nflax.bijections.image import (
@@ -35,6 +36,7 @@ from nflax.bijections.normalization import ActNorm, BatchNorm
 from nflax.bijections.planar import Planar, Radial
 from nflax.bijections.splines import num_spline_params
 from nflax.nets import MLP, ConvResNet
+from nflax.vector_fields import VectorField
 
 
 def _coupling(dim, rngs, parity=0, context_dim=None):
@@ -71,6 +73,12 @@ def _spline_coupling(dim, rngs, context_dim=None):
     # half_mask: for dim 1 the mask is [0], so the one coordinate is transformed
     net = MLP(dim + (context_dim or 0), dim * num_spline_params(8), hidden=(8,), rngs=rngs)
     return SplineCoupling(half_mask(dim), net, bins=8, context_dim=context_dim)
+
+
+def _continuous(dim, rngs, context_dim=None):
+    # "direct": the Jacobian test differentiates the solve in forward mode (jax.jacfwd)
+    field = VectorField(dim, hidden=(8,), context_dim=context_dim, rngs=rngs)
+    return ContinuousFlow(field, adjoint="direct")
 
 
 def _maf(dim, rngs, context_dim=None):
@@ -122,7 +130,14 @@ REGISTRY = {
     "iaf": lambda d, r: _flow("iaf", d, r, num_layers=2),
     "nsf_coupling": lambda d, r: _nsf(d, r),
     "nsf_autoregressive": lambda d, r: _nsf(d, r, variant="autoregressive"),
+    "continuous": lambda d, r: _continuous(d, r),
 }
+# (name, dim) cases of the contract tests marked slow: an ODE solve and its derivatives take
+# 10-30 s to compile on 2 cores (test_continuous.py checks the continuous flow's log-det, round
+# trip and gradients in the fast suite).
+SLOW = {("continuous", 1), ("continuous", 2), ("continuous", 5)}
+SLOW_CONDITIONAL = SLOW
+
 # Elementary layers (by layer name) that are the identity for every input at these dims, by
 # definition: permuting one coordinate. Every other layer must move its input at every dim.
 IDENTITY_AT = {"Permute": {1}, "Reverse": {1}}
@@ -152,6 +167,7 @@ CONDITIONAL = {
     "maf_affine_layer": lambda d, r, c: _maf(d, r, c),
     "iaf": lambda d, r, c: _flow("iaf", d, r, c, num_layers=2),
     "nsf_autoregressive": lambda d, r, c: _nsf(d, r, c, "autoregressive"),
+    "continuous": lambda d, r, c: _continuous(d, r, c),
 }
 
 

@@ -13,6 +13,8 @@ from registry import (  # noqa: E402
     IMAGE_REGISTRY,
     NO_GRADIENT,
     REGISTRY,
+    SLOW,
+    SLOW_CONDITIONAL,
     _coupling,
 )
 
@@ -28,6 +30,12 @@ from nflax.bijections.normalization import DataInit
 from nflax.nets import MLP
 
 DIMS = [1, 2, 5]
+
+
+def _cases(table, slow):
+    """(name, dim) for every entry of ``table`` and every dim; those in ``slow`` marked slow."""
+    mark = lambda name, dim: pytest.mark.slow if (name, dim) in slow else ()  # noqa: E731
+    return [pytest.param(n, d, marks=mark(n, d)) for n in sorted(table) for d in DIMS]
 
 
 def _make(factory, dim, seed=0):
@@ -163,8 +171,7 @@ def _check_every_layer_moves(b, traj, dim):
         assert moved > 1e-3, f"layer {i} ({name}) is the identity at dim {dim}"
 
 
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name, dim", _cases(REGISTRY, SLOW))
 def test_contract(name, dim):
     """Round trip, log-det = log|det Jacobian|, inverse log-det, batch dims, jit = eager,
     gradients for every parameter and every layer of a Stack, every layer moves its input."""
@@ -179,8 +186,7 @@ def test_contract(name, dim):
     np.testing.assert_allclose(out["traj"][-1], out["zw"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("name", sorted(CONDITIONAL))
+@pytest.mark.parametrize("name, dim", _cases(CONDITIONAL, SLOW_CONDITIONAL))
 def test_contract_with_context(name, dim):
     b = CONDITIONAL[name](dim, nnx.Rngs(0), 3)
     perturb(b, jax.random.key(5))

@@ -201,6 +201,7 @@ SPEC_ARGS = {
     "iaf": dict(num_layers=3, hidden=(4,)),
     "nsf": dict(variant="autoregressive", num_layers=2, hidden=(8,), bins=5, bound=2.5),
     "planar": dict(num_layers=3, context_dim=2),
+    "cnf": dict(hidden=(8,), actnorm=True, rtol=1e-6),
 }
 
 

@@ -67,6 +67,8 @@ NON_DEFAULT = {
                                bound=4.0, actnorm=True, activation="silu", context_dim=1,
                                embedding=(4, 2)),
     "planar": dict(num_layers=5, context_dim=2, embedding=(4, 2)),
+    "cnf": dict(hidden=(8, 4), activation="tanh", time_frequencies=2, actnorm=True,
+                trace="hutchinson", rtol=1e-6, atol=1e-6, context_dim=2, embedding=(4, 3)),
 }  # fmt: skip
 
 
@@ -176,7 +178,7 @@ def test_register_makes_a_constructor_buildable_and_loadable(tmp_path):
         np.testing.assert_array_equal(np.asarray(back.log_prob(x)), np.asarray(flow.log_prob(x)))
     finally:
         flows.CONSTRUCTORS.pop("shifted_normal", None)
-    with pytest.raises(ValueError, match="unknown flow 'shifted_normal'; known flows: iaf"):
+    with pytest.raises(ValueError, match="unknown flow 'shifted_normal'; known flows: cnf, iaf"):
         flows.build("shifted_normal", dim=2, rngs=nnx.Rngs(0))
 
 

@@ -106,7 +106,6 @@ def test_console_script_entry_point():
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.slow
 def test_more_points_close_the_gap(tmp_path):
     # Minibatches of 1024 keep this at the default run's cost per step. Gap 0.009-0.017 over
     # seeds 0-2 with the default recipe (0.007-0.013 with the old tanh / weight decay 1e-4 one).

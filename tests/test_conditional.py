@@ -171,7 +171,6 @@ def test_minibatches_keep_rows_and_context_together():
     assert nflax.nll(flow, x, c).mean() < -2.0  # far below any context-blind model
 
 
-@pytest.mark.slow
 def test_conditional_banana_reaches_the_exact_nll():
     ds = nflax.datasets.get_conditional("conditional_banana")
     x, c = ds.sample(jax.random.key(0), 4096)

@@ -25,19 +25,22 @@ import nflax
 from nflax.cli import build_parser
 
 TESTS = Path(__file__).resolve().parent
-EXTRA_MODULES = ["image_data", "parallel", "training"]  # public, not in nflax.__all__
+# public, though not re-exported in nflax.__all__
+EXTRA_MODULES = ["image_data", "parallel", "training", "flow_matching", "vector_fields"]
 PACKAGES = ["bijections", "runs"]  # public through their __all__
 
 PUBLIC = {
     # nflax
     "nflax.ConditionalDiagNormal": ["test_distributions.py::test_conditional_diag_normal_log_prob_is_exact"],
     "nflax.Flow": ["test_distributions.py::test_flow_log_prob_of_known_affine_maps_is_exact"],
+    "nflax.FlowMatchingHistory": ["test_flow_matching.py::test_fit_flow_matching_learns_validates_and_records_the_exact_nll"],
     "nflax.History": ["test_plotting.py::test_plot_history_lines"],
     "nflax.StandardNormal": ["test_distributions.py::test_standard_normal_log_prob_is_exact"],
     "nflax.VIHistory": ["test_plotting.py::test_plot_elbo_lines"],
     "nflax.evaluate": ["test_metrics.py::test_evaluate_a_standard_normal_flow_is_exact"],
     "nflax.fit": ["test_training.py::test_fit_learns_and_reports", "test_training.py::test_ragged_last_batch_is_masked_and_nothing_recompiles"],
     "nflax.fit_dequantized": ["test_dequantization.py::test_uniform_dequantized_fit_on_digits_beats_the_uniform_levels", "test_dequantization.py::test_variational_dequantization_trains_both_flows_and_gives_a_finite_bound"],
+    "nflax.fit_flow_matching": ["test_flow_matching.py::test_fit_flow_matching_learns_validates_and_records_the_exact_nll", "test_flow_matching.py::test_exact_resume_and_same_key_same_parameters"],
     "nflax.fit_vi": ["test_vi.py::test_correlated_gaussian_mean_and_covariance_are_recovered"],
     "nflax.load": ["test_checkpoint.py::test_save_load_round_trip_is_bit_exact"],
     "nflax.nll": ["test_training.py::test_nll_in_batches_smaller_than_the_data"],
@@ -53,6 +56,7 @@ PUBLIC = {
     "nflax.bijections.Bijection": ["test_bijections.py::test_contract"],
     "nflax.bijections.Buffer": ["test_catalogue.py::test_permute_and_reverse"],
     "nflax.bijections.Chain": ["test_bijections.py::test_stack_equals_chain", "test_distributions.py::test_flow_log_prob_of_known_affine_maps_is_exact"],
+    "nflax.bijections.ContinuousFlow": ["test_continuous.py::test_a_linear_field_is_the_matrix_exponential_and_hutchinson_noise_is_fixed_per_solve", "test_continuous.py::test_trajectory_at_chosen_times_and_layer_names"],
     "nflax.bijections.Coupling": ["test_transformers.py::test_coupling_takes_any_transformer", "test_transformers.py::test_an_all_ones_mask_is_rejected"],
     "nflax.bijections.DataInit": ["test_normalization.py::test_actnorm_init_normalises_the_first_batch_and_only_once"],
     "nflax.bijections.Invert": ["test_made.py::test_maf_inverse_is_exact_and_iaf_swaps_directions"],
@@ -121,6 +125,7 @@ PUBLIC = {
     "nflax.distributions.StudentT": ["test_distributions.py::test_log_probs_match_reference_formulas"],
     "nflax.distributions.Uniform": ["test_distributions.py::test_uniform_is_minus_inf_outside_the_box_and_samples_inside"],
     # nflax.flows
+    "nflax.flows.cnf": ["test_continuous.py::test_maximum_likelihood_through_the_solver_with_finite_gradients_in_the_far_tail", "test_flow_matching.py::test_a_conditional_cnf_is_trained_with_its_context"],
     "nflax.flows.build": ["test_catalogue.py::test_spec_records_every_argument_and_rebuilds_an_equal_flow"],
     "nflax.flows.iaf": ["test_made.py::test_maf_inverse_is_exact_and_iaf_swaps_directions"],
     "nflax.flows.maf": ["test_made.py::test_maf_inverse_is_exact_and_iaf_swaps_directions"],
@@ -129,6 +134,12 @@ PUBLIC = {
     "nflax.flows.planar": ["test_catalogue.py::test_planar_flow_samples_and_densities_agree"],
     "nflax.flows.realnvp": ["test_bijections.py::test_trajectory_matches_layers", "test_catalogue.py::test_spec_records_every_argument_and_rebuilds_an_equal_flow"],
     "nflax.flows.register": ["test_checkpoint.py::test_register_makes_a_constructor_buildable_and_loadable"],
+    # nflax.flow_matching
+    "nflax.flow_matching.FlowMatchingHistory": ["test_flow_matching.py::test_fit_flow_matching_learns_validates_and_records_the_exact_nll"],
+    "nflax.flow_matching.default_flow_matching_optimizer": ["test_flow_matching.py::test_errors_and_the_default_optimizer"],
+    "nflax.flow_matching.fit_flow_matching": ["test_flow_matching.py::test_fit_flow_matching_learns_validates_and_records_the_exact_nll"],
+    "nflax.flow_matching.sinkhorn_pairing": ["test_flow_matching.py::test_minibatch_ot_pairing_and_a_one_device_mesh"],
+    "nflax.flow_matching.split_continuous": ["test_flow_matching.py::test_errors_and_the_default_optimizer"],
     # nflax.metrics
     "nflax.metrics.evaluate": ["test_metrics.py::test_evaluate_with_the_exact_density_as_an_array_or_a_function", "test_metrics.py::test_evaluate_passes_the_context_to_the_flow_and_to_the_exact_density", "test_runs.py::test_run_train_returns_its_metrics_and_evaluate_reproduces_them"],
     "nflax.metrics.bits_per_dim": ["test_dequantization.py::test_a_density_that_is_one_on_the_unit_cube_gives_log2_of_the_levels"],
@@ -201,6 +212,9 @@ PUBLIC = {
     "nflax.training.kernel_mask": ["test_training_recipe.py::test_weight_decay_shrinks_the_kernels_only"],
     "nflax.training.nll": ["test_training.py::test_nll_in_batches_smaller_than_the_data"],
     "nflax.training.warmup_cosine": ["test_training_recipe.py::test_warmup_cosine_is_nflax_trains_schedule"],
+    # nflax.vector_fields
+    "nflax.vector_fields.VectorField": ["test_continuous.py::test_time_features_and_a_fresh_field_is_zero", "test_continuous.py::test_errors_name_the_layer_and_the_value"],
+    "nflax.vector_fields.time_features": ["test_continuous.py::test_time_features_and_a_fresh_field_is_zero"],
     # nflax.vi
     "nflax.vi.VIHistory": ["test_plotting.py::test_plot_elbo_lines"],
     "nflax.vi.default_vi_optimizer": ["test_vi.py::test_default_vi_optimizer_is_adam_on_the_default_schedule"],
@@ -235,6 +249,7 @@ FLAGS = {
     "train --no-cache": ["test_compile_once.py::test_no_cache_flag_and_environment_variable_turn_the_cache_off"],
     "train --no-early-stopping": ["test_cli_flags.py::test_dataset_leaky_relu_no_actnorm_batch_size"],
     "train --no-plots": ["test_cli_flags.py::test_dataset_leaky_relu_no_actnorm_batch_size"],
+    "train --objective": ["test_flow_matching.py::test_cli_objective_is_flow_matching_for_cnf_by_default_and_only_for_it", "test_flow_matching.py::test_cli_trains_a_cnf_by_flow_matching_with_every_figure"],
     "train --num-points": ["test_cli_flags.py::test_patience_and_val_fraction"],
     "train --num-processes": ["test_cli_flags.py::test_flags_that_do_not_go_together_exit_2"],
     "train --out": ["test_cli.py::test_non_empty_run_folder_is_not_touched"],

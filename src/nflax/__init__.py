@@ -20,6 +20,7 @@ from nflax import (
 from nflax.checkpoint import load, save
 from nflax.dequantization import fit_dequantized
 from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
+from nflax.flow_matching import FlowMatchingHistory, fit_flow_matching
 from nflax.metrics import evaluate
 from nflax.training import History, fit, nll
 from nflax.vi import VIHistory, fit_vi
@@ -27,6 +28,7 @@ from nflax.vi import VIHistory, fit_vi
 __all__ = [
     "ConditionalDiagNormal",
     "Flow",
+    "FlowMatchingHistory",
     "History",
     "StandardNormal",
     "bijections",
@@ -37,6 +39,7 @@ __all__ = [
     "evaluate",
     "fit",
     "fit_dequantized",
+    "fit_flow_matching",
     "fit_vi",
     "load",
     "save",

@@ -48,16 +48,32 @@ ACTIVATIONS = ("tanh", "silu", "gelu", "elu", "relu", "softplus")
 # extrapolate where tanh saturates (benchmarks/README.md, robustness over seeds).
 TRAIN_ACTIVATION = "silu"
 
+# Training objectives of `nflax train`, the flows flow matching can train, and each
+# objective's default weight decay (benchmarks/README.md: 3 for likelihood, "Robust defaults";
+# 0 for flow matching, "Continuous flows": a decay of 3 left a 0.7-nat gap on the banana).
+OBJECTIVES = ("likelihood", "flow-matching")
+DEFAULT_WEIGHT_DECAY = {"likelihood": 3.0, "flow-matching": 0.0}
+# `nflax train`'s steps per objective and hidden sizes per flow, when not given (flow
+# matching's steps are cheap, no ODE solve, and its noisy regression wants more of them)
+TRAIN_STEPS = {"likelihood": 4000, "flow-matching": 8000}
+TRAIN_PATIENCE = {"likelihood": 1000, "flow-matching": None}
+TRAIN_HIDDEN = {"cnf": [128, 128, 128]}
+DEFAULT_HIDDEN = [64, 64]
+FLOW_MATCHING_FLOWS = ("cnf",)
+
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
 _non_negative_float = _checked(float, lambda v: 0 <= v < float("inf"), "a number ≥ 0")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 # The flags `train` and `vi` share: each command's defaults, and its words in their help.
+# (train's --hidden and --steps: None, resolved per flow and per objective below)
 SHARED_DEFAULTS = {
-    "train": {"layers": 8, "hidden": [64, 64], "steps": 4000, "lr": 2e-3},
-    "vi": {"layers": 6, "hidden": [32], "steps": 5000, "lr": 1e-2},
+    "train": {"layers": None, "hidden": None, "steps": None, "lr": 2e-3},
+    "vi": {"layers": None, "hidden": [32], "steps": 5000, "lr": 1e-2},
 }
+# --layers when not given (None above, so a flow without layers can refuse the flag)
+DEFAULT_LAYERS = {"train": 8, "vi": 6}
 DEFAULT_ACTIVATION = {"train": TRAIN_ACTIVATION, "vi": "tanh"}
 _SHARED_HELP = {
     "train": {
@@ -65,11 +81,15 @@ _SHARED_HELP = {
         "tanh is the tutorial's",
         "lr": "peak adamw learning rate, on the --schedule",
         "out": "runs/<dataset>-<time>/",
+        "hidden": "64 64; 128 128 128 for cnf",
+        "steps": "4000; 8000 with flow matching",
     },
     "vi": {
         "activation": "tanh, the tutorial's",
         "lr": "peak adam learning rate: a short linear warm-up, then a cosine decay to 0",
         "out": "runs/vi-<target>-<time>/",
+        "hidden": "32",
+        "steps": "5000",
     },
 }
 
@@ -86,12 +106,16 @@ def _shared_flags(command: str) -> argparse.ArgumentParser:
         help="flow constructor (default: realnvp; nsf in one dimension, where a coupling can "
         "only be affine)",
     )
-    p.add_argument("--layers", type=_positive_int, help="number of layers (default: %(default)s)")
+    p.add_argument(
+        "--layers",
+        type=_positive_int,
+        help=f"number of layers (default: {DEFAULT_LAYERS[command]}; not an option of cnf)",
+    )
     p.add_argument(
         "--hidden",
         type=_positive_int,
         nargs="+",
-        help="hidden layer sizes of the conditioner MLP (default: %(default)s)",
+        help=f"hidden layer sizes of the conditioner MLP (default: {words['hidden']})",
     )
     p.add_argument(
         "--leaky-relu",
@@ -105,7 +129,7 @@ def _shared_flags(command: str) -> argparse.ArgumentParser:
         help=f"conditioner activation (default: {words['activation']})",
     )
     p.add_argument(
-        "--steps", type=_positive_int, help="optimizer steps, at most (default: %(default)s)"
+        "--steps", type=_positive_int, help=f"optimizer steps, at most (default: {words['steps']})"
     )
     p.add_argument("--lr", type=_positive_float, help=f"{words['lr']} (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -253,7 +277,14 @@ def _add_process_flags(t: argparse.ArgumentParser) -> None:
 
 
 def _add_recipe_flags(t: argparse.ArgumentParser) -> None:
-    """Minibatches, the schedule, weight decay and early stopping."""
+    """The objective, minibatches, the schedule, weight decay and early stopping."""
+    t.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=None,
+        help="maximum likelihood (any flow; through the ODE solver for cnf, as FFJORD) or flow "
+        "matching (cnf only); default: flow-matching for cnf, likelihood for the others",
+    )
     t.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -269,15 +300,17 @@ def _add_recipe_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--weight-decay",
         type=_non_negative_float,
-        default=3.0,
-        help="adamw weight decay of the conditioners' kernels (default 3: strong, so that the "
-        "tails keep their shape; the tutorial used 1e-4)",
+        default=None,
+        help="adamw weight decay of the conditioners' kernels (default 3 for likelihood: strong, "
+        "so that the tails keep their shape; the tutorial used 1e-4. Default 0 for "
+        "flow-matching, where decay pulls the vector field toward zero)",
     )
     t.add_argument(
         "--patience",
         type=_positive_int,
-        default=1000,
-        help="early stopping patience in steps, on the validation NLL",
+        default=None,
+        help="early stopping patience in steps, on the validation loss (default 1000 with "
+        "likelihood; none with flow-matching, whose flow is the moving average of the whole run)",
     )
     t.add_argument(
         "--no-early-stopping",
@@ -411,9 +444,12 @@ def _flow_kwargs(args, dim: int) -> dict:
     params = inspect.signature(flows.CONSTRUCTORS[args.flow]).parameters
     activation = args.activation or DEFAULT_ACTIVATION[args.command]
     kwargs = {"dim": dim}
+    if args.layers is not None and "num_layers" not in params:
+        raise UsageError(f"--layers is not an option of flow {args.flow!r}")
+    layers = args.layers or DEFAULT_LAYERS[args.command]
     for flag, name, value in [
-        ("--layers", "num_layers", args.layers),
-        ("--hidden", "hidden", list(args.hidden)),
+        ("--layers", "num_layers", layers),
+        ("--hidden", "hidden", list(_hidden(args))),
         ("--leaky-relu", "leaky_relu", args.leaky_relu),
         ("--no-actnorm", "actnorm", not getattr(args, "no_actnorm", True)),
         ("--activation", "activation", activation),
@@ -423,6 +459,13 @@ def _flow_kwargs(args, dim: int) -> dict:
         elif (flag == "--leaky-relu" and value) or (flag == "--activation" and args.activation):
             raise UsageError(f"{flag} is not an option of flow {args.flow!r}")
     return kwargs
+
+
+def _hidden(args) -> list[int]:
+    """``--hidden``, else the flow's own default for ``nflax train``."""
+    if args.hidden is not None:
+        return args.hidden
+    return TRAIN_HIDDEN.get(args.flow, DEFAULT_HIDDEN)
 
 
 def _start_processes(args) -> None:
@@ -490,6 +533,13 @@ def _train_config(args, runs) -> tuple[dict, str]:
     config.update(data.config)
     config["flow_kwargs"] = _flow_kwargs(args, config["dim"])
     config["flow"] = args.flow
+    config["objective"] = _objective(args)
+    if config["steps"] is None:
+        config["steps"] = TRAIN_STEPS[config["objective"]]
+    if config["weight_decay"] is None:
+        config["weight_decay"] = DEFAULT_WEIGHT_DECAY[config["objective"]]
+    if args.patience is None and not args.no_early_stopping:
+        config["patience"] = TRAIN_PATIENCE[config["objective"]]
     if args.conditional:
         from nflax import flows
 
@@ -501,6 +551,19 @@ def _train_config(args, runs) -> tuple[dict, str]:
     elif args.embedding is not None:
         raise UsageError("--embedding needs --conditional (it embeds the context)")
     return config, data.name
+
+
+def _objective(args) -> str:
+    """The training objective: ``--objective``, else flow matching for the flows it can train
+    and maximum likelihood for the others."""
+    default = "flow-matching" if args.flow in FLOW_MATCHING_FLOWS else "likelihood"
+    objective = args.objective or default
+    if objective == "flow-matching" and args.flow not in FLOW_MATCHING_FLOWS:
+        known = ", ".join(FLOW_MATCHING_FLOWS)
+        raise UsageError(
+            f"--objective flow-matching trains a continuous flow ({known}), not {args.flow!r}"
+        )
+    return objective
 
 
 def _vi(args, runs) -> None:

@@ -27,6 +27,7 @@ from flax import nnx
 from nflax.bijections import AffineCoupling, Bijection, Chain, LeakyReLU, Stack, alternating_mask
 from nflax.bijections.autoregressive import MaskedAutoregressive
 from nflax.bijections.base import Invert
+from nflax.bijections.continuous import ContinuousFlow
 from nflax.bijections.coupling import AdditiveCoupling, SplineCoupling
 from nflax.bijections.elementwise import Affine
 from nflax.bijections.normalization import ActNorm
@@ -34,6 +35,7 @@ from nflax.bijections.planar import Planar
 from nflax.bijections.transformers import SplineTransformer, Transformer
 from nflax.distributions import ConditionalDiagNormal, Flow, StandardNormal
 from nflax.nets import MLP, get_activation
+from nflax.vector_fields import VectorField
 
 # Flows over vectors, built with ``dim=``.
 CONSTRUCTORS: dict[str, Callable[..., Flow]] = {}
@@ -213,8 +215,10 @@ def _assemble(
     actnorm: bool = False,
     tail: Bijection | None = None,
     conditional_base: bool = False,
+    stack: bool = True,
 ) -> Flow:
-    """The flow ``[ActNorm →] Stack(layer(0), …, layer(num_layers − 1)) [→ tail]``.
+    """The flow ``[ActNorm →] Stack(layer(0), …, layer(num_layers − 1)) [→ tail]``
+    (``stack=False``: the one layer ``layer(0)`` itself in place of the stack).
 
     The context (``context_dim``, an optional ``embedding`` MLP) decides the number of features
     each layer's conditioner sees; ``conditional_base=True`` makes the base a
@@ -224,7 +228,10 @@ def _assemble(
     """
     net, features = _embedding(context_dim, embedding, rngs)
     parts = [ActNorm(dim)] if actnorm else []
-    parts.append(Stack([layer(i, features) for i in range(num_layers)]))
+    if stack:
+        parts.append(Stack([layer(i, features) for i in range(num_layers)]))
+    else:
+        parts.append(layer(0, features))
     parts += [tail] if tail is not None else []
     bijection = parts[0] if len(parts) == 1 else Chain(parts)
     if conditional_base and features is not None:
@@ -432,6 +439,53 @@ def nsf(
             SplineCoupling, spline.num_params, dim, hidden, activation, rngs, **options
         )
     return _assemble(dim, num_layers, layer, rngs, context_dim, embedding, actnorm=actnorm)
+
+
+@_constructor
+def cnf(
+    dim: int,
+    *,
+    hidden: Sequence[int] = (128, 128, 128),
+    activation: str = "silu",
+    time_frequencies: int = 4,
+    actnorm: bool = False,
+    trace: str = "auto",
+    rtol: float = 1e-7,
+    atol: float = 1e-7,
+    context_dim: int | None = None,
+    embedding: Sequence[int] | None = None,
+    rngs: nnx.Rngs,
+) -> Flow:
+    """Continuous normalizing flow: one :class:`~nflax.bijections.ContinuousFlow` on a
+    :class:`~nflax.vector_fields.VectorField` (an MLP of ``hidden`` sizes and ``activation``
+    over ``[x, φ(t), context features]``, ``φ`` with ``time_frequencies`` frequencies).
+
+    Time runs from the base (``t = 0``) to the data (``t = 1``); ``log_prob`` solves the ODE
+    from the data to the latent with its log-determinant, exact for ``dim ≤ 16`` (``trace``:
+    ``"auto"``, ``"exact"`` or ``"hutchinson"``, see the layer), at tolerances ``rtol``,
+    ``atol``. Train it by flow matching (:func:`nflax.fit_flow_matching`, no ODE solve per
+    step) or by maximum likelihood through the solver (:func:`nflax.fit`, FFJORD).
+    ``actnorm=True`` puts an :class:`~nflax.bijections.ActNorm` first, so the field sees
+    standardised data (``nflax train`` uses it). The field starts at zero: a fresh flow is
+    the identity.
+
+    >>> flow = cnf(2, hidden=(8,), rngs=nnx.Rngs(0))
+    >>> [round(float(v), 4) for v in flow.log_prob(jnp.zeros((3, 2)))]  # −log 2π
+    [-1.8379, -1.8379, -1.8379]
+    """
+
+    def layer(i: int, features: int | None) -> Bijection:
+        field = VectorField(
+            dim,
+            hidden=hidden,
+            context_dim=features,
+            time_frequencies=time_frequencies,
+            activation=activation,
+            rngs=rngs,
+        )
+        return ContinuousFlow(field, trace=trace, rtol=rtol, atol=atol)
+
+    return _assemble(dim, 1, layer, rngs, context_dim, embedding, actnorm=actnorm, stack=False)
 
 
 # The image flows register themselves in IMAGE_CONSTRUCTORS; re-exported here.

@@ -340,13 +340,15 @@ def _label_axes(ax, labels: Sequence[str] | None) -> None:
 
 
 def plot_history(history: History, *, bits_per_dim: int | None = None) -> Figure:
-    """Training (and validation) NLL per step, with the best step marked: in nats per point,
-    or with ``bits_per_dim=D`` in bits per dimension, ``NLL / (D ln 2)`` (for a loss that is
-    already the discrete NLL, as :func:`nflax.fit_dequantized`'s)."""
+    """Training (and validation) loss per step, with the best step marked: the NLL in nats per
+    point (a history with a ``loss_name``, such as flow matching's, is labelled by it), or with
+    ``bits_per_dim=D`` in bits per dimension, ``NLL / (D ln 2)`` (for a loss that is already
+    the discrete NLL, as :func:`nflax.fit_dequantized`'s)."""
+    name = getattr(history, "loss_name", "NLL")
     fig = Figure(figsize=(5, 3.2), layout="constrained")
     ax = fig.subplots()
     scale = 1.0 if bits_per_dim is None else 1.0 / (int(bits_per_dim) * math.log(2))
-    unit = "NLL (nats)" if bits_per_dim is None else "bits/dim"
+    unit = name if bits_per_dim is None else "bits/dim"
     loss = np.asarray(history.loss) * scale
     val_loss = np.asarray(history.val_loss, np.float64) * scale
     ax.plot(np.arange(len(loss)), loss, lw=0.8, label=f"train {unit}")
@@ -362,7 +364,7 @@ def plot_history(history: History, *, bits_per_dim: int | None = None) -> Figure
             lo = min(lo, float(np.nanmin(val_loss)))
             hi = max(hi, float(np.nanquantile(val_loss, 0.98)))
         _set_ylim(ax, lo, hi, 0.05)
-    _label_steps(ax, history, unit)
+    _label_steps(ax, history, "NLL (nats)" if unit == "NLL" else unit)
     ax.legend(fontsize=8)
     if not math.isnan(history.steps_per_second):
         ax.text(

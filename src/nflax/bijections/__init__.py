@@ -2,6 +2,7 @@
 
 from nflax.bijections.autoregressive import MaskedAutoregressive
 from nflax.bijections.base import Bijection, Chain, Invert, Stack
+from nflax.bijections.continuous import ContinuousFlow
 from nflax.bijections.coupling import (
     AdditiveCoupling,
     AffineCoupling,
@@ -47,6 +48,7 @@ __all__ = [
     "Bijection",
     "Buffer",
     "Chain",
+    "ContinuousFlow",
     "Coupling",
     "DataInit",
     "Invert",

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from nflax import checkpoint, parallel
+from nflax.flow_matching import fit_flow_matching
 from nflax.metrics import evaluate
 from nflax.runs.common import build_flow, history_metrics, save_run
 from nflax.runs.data import RunData, load_run_data, process_block
@@ -27,6 +28,11 @@ from nflax.training import default_optimizer, fit, nll
 # the test metrics that are NLLs (the data file's offset Σ log std is added to them)
 TEST_NLL_KEYS = ("test_nll", "test_nll_median", "test_nll_trimmed_1pct", "test_nll_worst")
 UNITS = "NLL in the data file's own units (standardisation undone)"
+# Flow matching's recipe: its gradients are noisy (a fresh noise draw and time per point and
+# step), so the flow ends with the moving average of the iterates, not the iterate of the best
+# validation loss, which is a noisy guide to the likelihood (benchmarks/README.md, "Continuous
+# flows").
+FLOW_MATCHING = {"ema": 0.9995, "restore_best": False}
 
 
 def run_train(
@@ -43,7 +49,8 @@ def run_train(
 
     ``config`` holds the data (see :func:`describe_data`), ``flow`` and ``flow_kwargs``,
     ``seed``, ``num_points``, ``steps``, ``lr``, ``schedule``, ``weight_decay``,
-    ``batch_size``, ``patience``, ``val_fraction``, ``checkpoint_every`` and ``devices``.
+    ``batch_size``, ``patience``, ``val_fraction``, ``checkpoint_every``, ``devices`` and
+    ``objective`` (``"likelihood"``, the default, or ``"flow-matching"``).
     With ``images`` set, ``config`` is an image run's (:mod:`nflax.runs.images`).
     A new run writes it to ``config.json`` before training; ``resume=True`` continues from the
     folder's last training checkpoint. ``quiet`` silences the progress bar and summary line.
@@ -100,10 +107,14 @@ def _train(config: dict, out: Path, *, resume: bool, quiet: bool, plots: bool) -
 
 
 def _fit(flow, data: RunData, rows: slice, config: dict, out: Path, key, *, resume, quiet):
-    """``fit`` with the run's recipe on this process's ``rows``, checkpointing into ``out``."""
+    """``fit`` (or ``fit_flow_matching``) with the run's recipe on this process's ``rows``,
+    checkpointing into ``out``."""
     steps = config["steps"]
+    train_fn, options = fit, {}
+    if config.get("objective", "likelihood") == "flow-matching":
+        train_fn, options = fit_flow_matching, FLOW_MATCHING
     try:
-        return fit(
+        return train_fn(
             flow,
             data.x[rows],
             context=None if data.context is None else data.context[rows],
@@ -120,6 +131,7 @@ def _fit(flow, data: RunData, rows: slice, config: dict, out: Path, key, *, resu
             checkpoint_every=config["checkpoint_every"],
             resume=resume,
             devices=config.get("devices"),
+            **options,
         )
     except (ValueError, checkpoint.CheckpointError) as e:
         raise RunError(str(e)) from None
