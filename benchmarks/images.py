@@ -1,8 +1,10 @@
 """Image flows on ``digits``: test bits/dim of nflax's flows against baselines and normflows.
 
-Data: scikit-learn's 8×8 digits, integer levels 0..16 (K = 17, D = 64), split exactly as
-``perm = np.random.default_rng(0).permutation(1797)``: test = ``perm[:360]``, validation =
-``perm[360:540]``, train = ``perm[540:]`` (1257 images).
+Data: ``nflax.datasets.load_images("digits")``, scikit-learn's 8×8 digits, integer levels
+0..16 (K = 17, D = 64), with the library's fixed split (``perm =
+np.random.default_rng(0).permutation(1797)``: test = ``perm[:360]``, validation =
+``perm[360:540]``, train = ``perm[540:]``, 1257 images); the normflows worker gets the same
+arrays.
 
 Dequantization (every row): the model sees ``y = (x + u)/K ∈ [0, 1]^D``, ``u ~ U[0, 1)^D``,
 fresh noise every step; bits/dim = ``(NLL_y + D ln K) / (D ln 2)`` with ``NLL_y`` the negative
@@ -17,7 +19,7 @@ Rows (``--rows`` picks some):
   images and their noise (mean ``(x̄ + ½)/K``, covariance ``(Σ_x + I/12)/K² + ridge·I``: the
   limit of fitting to ever more noise draws), a ridge of ``1e-6``.
 * ``glow``, ``realnvp_image``: nflax's multi-scale image flows (``nflax.flows.glow``,
-  ``nflax.flows.realnvp_image``), when this checkout has them.
+  ``nflax.flows.realnvp_image``).
 * ``maf``, ``realnvp``, ``nsf``: nflax's flat flows on the 64-vector, after a ``Logit``
   (the same preprocessing as the image flows).
 * ``normflows_glow``: normflows' Glow (PyTorch), run by ``_normflows_glow.py`` in a separate
@@ -26,9 +28,9 @@ Rows (``--rows`` picks some):
 
 Same budget for every trained row: ``--steps`` Adam steps (learning rate ``--lr``) of
 ``--batch-size`` images, the validation bound (fixed noise) every ``--eval-every`` steps and
-the best parameters restored. nflax trains through ``nflax.fit_dequantized`` when this
-checkout has it; otherwise through ``nflax.fit`` on ``--copies`` pre-drawn dequantizations
-of the training images, without validation (said in the row's note).
+the best parameters restored. nflax trains through ``nflax.fit_dequantized``. Every row is
+scored by the one estimator below (:func:`dequantized_scores`), not the library's
+``importance_weighted_nll``, because the Gaussian and normflows' Glow are not nflax flows.
 
 ``--quick`` is a smoke test (tiny models, a few steps); ``--markdown`` prints the table;
 ``--grid-dir DIR`` saves an 8×8 grid of samples (temperature 1.0) per trained model.
@@ -86,12 +88,10 @@ def bits(nll_discrete):
 
 
 def digits_split():
-    """``(train, validation, test)`` levels, each ``(n, 8, 8, 1)`` uint8: the fixed split."""
-    from sklearn.datasets import load_digits
-
-    x = np.asarray(load_digits().images).round().astype(np.uint8)[..., None]
-    perm = np.random.default_rng(0).permutation(len(x))
-    return x[perm[540:]], x[perm[360:540]], x[perm[:360]]
+    """``(train, validation, test)`` levels, each ``(n, 8, 8, 1)`` uint8: the library's fixed
+    split (:func:`nflax.datasets.load_images`; the normflows worker reads the same)."""
+    data = nflax.datasets.load_images("digits")
+    return data.train, data.validation, data.test
 
 
 def dequantized_scores(log_prob_y, levels: np.ndarray, samples: int, key) -> tuple[float, float]:
@@ -166,48 +166,28 @@ def nflax_configs(args) -> dict[str, dict]:
     }
 
 
-def build_nflax(name: str, kwargs: dict, seed: int):
-    """The flow, or a string saying why this checkout cannot build it."""
+def build_nflax(name: str, kwargs: dict, seed: int) -> nflax.Flow:
+    """An image flow on ``(8, 8, 1)``, or a flat flow on the 64-vector behind the same logit
+    preprocessing as the image flows (``α = 0.05``)."""
     rngs = nnx.Rngs(seed)
     if name in IMAGE_ROWS:
-        fn = getattr(nflax.flows, name, None)
-        if fn is None:
-            return f"nflax.flows.{name} is not on this branch (issue 14, i14-layers)"
-        return fn(SHAPE, **kwargs, rngs=rngs)
+        return getattr(nflax.flows, name)(SHAPE, **kwargs, rngs=rngs)
     flat = getattr(nflax.flows, name)(D, **kwargs, rngs=rngs)
-    try:
-        logit = nflax.bijections.Logit(D, alpha=0.05)
-    except TypeError:
-        logit = nflax.bijections.Logit(D)  # older Logit: no alpha (data stay in (0, 1))
-    bijection = nflax.bijections.Chain([logit, flat.bijection])
-    return nflax.Flow(flat.base, bijection)
+    logit = nflax.bijections.Logit(D, alpha=0.05)
+    return nflax.Flow(flat.base, nflax.bijections.Chain([logit, flat.bijection]))
 
 
 def train_nflax(flow, train, val, flat: bool, args):
-    """Train in place; returns ``(steps_run, compile s, train s, steps/s, note)``."""
+    """Train in place by uniformly dequantized likelihood (:func:`nflax.fit_dequantized`, the
+    best validation bound restored); returns ``(steps_run, compile s, train s, steps/s)``."""
     shape = (D,) if flat else SHAPE
     x, x_val = train.reshape(-1, *shape), val.reshape(-1, *shape)
-    common = dict(optimizer=optax.adam(args.lr), batch_size=args.batch_size, progress=False)
-    key = jax.random.key(args.seed)
-    if hasattr(nflax, "fit_dequantized"):
-        hist = nflax.fit_dequantized(
-            flow,
-            x,
-            K_LEVELS,
-            key=key,
-            steps=args.steps,
-            validation=x_val,
-            eval_every=args.eval_every,
-            **common,
-        )
-        note = "fit_dequantized, best validation bound restored"
-    else:
-        u = np.random.default_rng(args.seed).random((args.copies, *x.shape), np.float32)
-        y = ((x[None] + u) / K_LEVELS).reshape(-1, *shape)
-        hist = nflax.fit(flow, y, key=key, steps=args.steps, val_fraction=0.0, **common)
-        note = f"no fit_dequantized here: fit on {args.copies} pre-drawn dequantizations, no val"
-    rate = hist.steps_per_second
-    return hist.steps_run, hist.compile_seconds, hist.train_seconds, rate, note
+    hist = nflax.fit_dequantized(
+        flow, x, K_LEVELS, key=jax.random.key(args.seed), steps=args.steps, validation=x_val,
+        eval_every=args.eval_every, optimizer=optax.adam(args.lr), batch_size=args.batch_size,
+        progress=False,
+    )  # fmt: skip
+    return hist.steps_run, hist.compile_seconds, hist.train_seconds, hist.steps_per_second
 
 
 def nflax_row(name: str, kwargs: dict, data, args) -> Row:
@@ -215,10 +195,9 @@ def nflax_row(name: str, kwargs: dict, data, args) -> Row:
     config = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     flow = build_nflax(name, kwargs, args.seed)
     label = f"nflax {name}" + ("" if name in IMAGE_ROWS else " (64-vector)")
-    if isinstance(flow, str):
-        return Row(label, config, note=f"unavailable: {flow}")
     params = sum(p.size for p in jax.tree.leaves(nnx.state(flow, nnx.Param)))
-    steps, compile_s, seconds, rate, note = train_nflax(flow, train, val, name in FLAT_ROWS, args)
+    steps, compile_s, seconds, rate = train_nflax(flow, train, val, name in FLAT_ROWS, args)
+    note = "fit_dequantized, best validation bound restored"
     flow.eval()
     event = (D,) if name in FLAT_ROWS else SHAPE
 
@@ -399,7 +378,6 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=8, help="Glow blocks per level")
     p.add_argument("--hidden", type=int, default=64, help="conv channels of the image flows")
     p.add_argument("--iw-samples", type=int, default=None, help="default 128 (--quick: 4)")
-    p.add_argument("--copies", type=int, default=32, help="pre-drawn noise without fit_deq.")
     p.add_argument("--num-grid", type=int, default=64, help="samples per grid")
     p.add_argument("--grid-dir", default=None, help="save sample grids here (e.g. benchmarks)")
     p.add_argument("--estimate-at", type=int, default=None, help="add est. s at this many steps")
