@@ -378,6 +378,7 @@ def test_cache_entries_that_cannot_be_written_cost_one_warning_line(monkeypatch,
     assert jax.config.jax_compilation_cache_dir is None  # the command put JAX back as it was
 
 
+@pytest.mark.slow  # 45 s; the behaviours it times are each tested above
 def test_compile_once_benchmark_quick_prints_its_tables():
     """benchmarks/compile_once.py runs end to end (no timing is asserted)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_once.py"

@@ -171,6 +171,7 @@ def test_minibatches_keep_rows_and_context_together():
     assert nflax.nll(flow, x, c).mean() < -2.0  # far below any context-blind model
 
 
+@pytest.mark.slow  # 50 s; test_cli.py::test_conditional_run trains one in the default run
 def test_conditional_banana_reaches_the_exact_nll():
     ds = nflax.datasets.get_conditional("conditional_banana")
     x, c = ds.sample(jax.random.key(0), 4096)

@@ -51,6 +51,7 @@ def test_realnvp_dim1_fits_a_skewed_density_better_than_a_gaussian():
 
 
 # ---- meshes with Explicit and Auto axes: fit, fit_vi and nll ------------------------------
+@pytest.mark.slow  # 27 s; test_parallel.py matches meshes against one device by default
 def test_meshes_of_both_axis_types_match_one_device(tmp_path):
     out = tmp_path / "mesh.json"
     worker = Path(__file__).with_name("mesh_worker.py")
