@@ -39,7 +39,6 @@ from flax import nnx
 
 from nflax.distributions import Flow
 from nflax.engine import (
-    Checkpointing,
     ModelDef,
     Objective,
     data_fingerprint,
@@ -49,6 +48,9 @@ from nflax.engine import (
     split_model,
     train,
     with_clipping,
+)
+from nflax.engine import (
+    checkpointing as make_checkpointing,
 )
 from nflax.training import History, _history, _likelihood_objective, _report, _Split
 from nflax.variables import needs_data_init
@@ -321,7 +323,9 @@ def fit_dequantized(
         settings,
         report=_report(split, callback),
         progress=progress,
-        checkpointing=_checkpointing(checkpoint_dir, keep_checkpoints, resume, fingerprint, who),
+        checkpointing=make_checkpointing(
+            checkpoint_dir, keep_checkpoints, resume, fingerprint, who
+        ),
     )
     return _history(run, split)
 
@@ -360,11 +364,3 @@ def _initialize_from_data(flow: Flow, noise: Flow | None, x: np.ndarray, k: int,
             k_noise, (len(x), math.prod(x.shape[1:])), minval=1e-3, maxval=1 - 1e-3
         )
         noise.log_prob(jnp.log(u) - jnp.log1p(-u), (2.0 * (x + 0.5) / k - 1.0).reshape(len(x), -1))
-
-
-def _checkpointing(directory, keep: int, resume: bool, fingerprint: dict, who: str):
-    if directory is None:
-        if resume:
-            raise ValueError(f"{who}: resume=True needs a checkpoint_dir")
-        return None
-    return Checkpointing(directory, keep, bool(resume), fingerprint, who)

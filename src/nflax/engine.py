@@ -154,6 +154,18 @@ class Checkpointing:
     who: str = "fit"
 
 
+def checkpointing(
+    directory: str | os.PathLike | None, keep: int, resume: bool, fingerprint: dict, who: str
+) -> Checkpointing | None:
+    """An objective's checkpoint settings, or ``None`` without a folder (where ``resume=True``
+    is an error naming ``who``)."""
+    if directory is None:
+        if resume:
+            raise ValueError(f"{who}: resume=True needs a checkpoint_dir")
+        return None
+    return Checkpointing(directory, keep, bool(resume), fingerprint, who)
+
+
 @dataclass
 class Run:
     """What the engine did. ``outputs[0]`` is each step's loss, ``outputs[1]`` the monitored

@@ -41,7 +41,6 @@ from nflax.bijections.base import Chain
 from nflax.bijections.continuous import ContinuousFlow
 from nflax.distributions import Flow
 from nflax.engine import (
-    Checkpointing,
     Model,
     Objective,
     Report,
@@ -52,6 +51,9 @@ from nflax.engine import (
     split_model,
     train,
     with_clipping,
+)
+from nflax.engine import (
+    checkpointing as make_checkpointing,
 )
 from nflax.training import (
     History,
@@ -307,15 +309,11 @@ def fit_flow_matching(
         if restore_best is None
         else settings.restore_best,
     )
-    checkpointing = None
-    if checkpoint_dir is not None:
+    fingerprint = {}
+    if checkpoint_dir is not None:  # hashing the data only for a run that checkpoints
         fingerprint = _fingerprint(data, ctx, key, val_fraction, split, ema)
         fingerprint.update(ot=bool(ot), nll_every=nll_every)
-        checkpointing = Checkpointing(
-            checkpoint_dir, keep_checkpoints, bool(resume), fingerprint, WHO
-        )
-    elif resume:
-        raise ValueError(f"{WHO}: resume=True needs a checkpoint_dir")
+    checkpointing = make_checkpointing(checkpoint_dir, keep_checkpoints, resume, fingerprint, WHO)
     _initialize_prefix(flow, split)
     model = split_model(flow)
     objective, train_data = _objective(model, split, key_train, bool(ot), nll_every, mesh)

@@ -28,7 +28,6 @@ from nflax.datafiles import nonfinite_rows
 from nflax.distributions import Flow
 from nflax.engine import (
     FROZEN,
-    Checkpointing,
     Model,
     ModelDef,
     Objective,
@@ -41,6 +40,9 @@ from nflax.engine import (
     split_model,
     train,
     with_clipping,
+)
+from nflax.engine import (
+    checkpointing as make_checkpointing,
 )
 from nflax.variables import needs_data_init
 
@@ -448,7 +450,7 @@ def fit(
         optimizer if optimizer is not None else optax.adamw(1e-3), max_grad_norm, "fit"
     )
     bsz = None if batch_size is None else positive_int("batch_size", batch_size, "fit")
-    checkpointing = _checkpointing(checkpoint_dir, keep_checkpoints, resume)
+    checkpointing = make_checkpointing(checkpoint_dir, keep_checkpoints, resume, {}, "fit")
     key_split, key_shuffle = jax.random.split(key)
     split = _split_rows(data, ctx, key_split, _num_val(len(data), val_fraction), bsz, mesh)
     settings = replace(
@@ -513,14 +515,6 @@ def _initialize_from_data(flow: Flow, split: _Split) -> None:
         flow.train()
         bsz = split.batch_size
         flow.log_prob(x_train[:bsz], None if c_train is None else c_train[:bsz])
-
-
-def _checkpointing(directory, keep: int, resume: bool) -> Checkpointing | None:
-    if directory is None:
-        if resume:
-            raise ValueError("fit: resume=True needs a checkpoint_dir")
-        return None
-    return Checkpointing(directory, keep, bool(resume), {}, "fit")
 
 
 def _fingerprint(data, ctx, key, val_fraction: float, split: _Split, ema) -> dict:

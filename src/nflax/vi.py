@@ -51,7 +51,6 @@ from nflax import _compile, parallel
 from nflax._optim import scale_by_warmup_cosine, with_numbers
 from nflax.distributions import Flow
 from nflax.engine import (
-    Checkpointing,
     Model,
     ModelDef,
     Objective,
@@ -63,6 +62,9 @@ from nflax.engine import (
     split_model,
     train,
     with_clipping,
+)
+from nflax.engine import (
+    checkpointing as make_checkpointing,
 )
 from nflax.variables import DataInit
 
@@ -328,7 +330,9 @@ def fit_vi(
     stl = bool(stick_the_landing)
     fingerprint = {"key": np.asarray(jax.random.key_data(key)).tolist(), "dim": dim}
     fingerprint.update(num_samples=num_samples, eval_samples=eval_samples, stl=stl, ema=ema)
-    checkpointing = _checkpointing(checkpoint_dir, keep_checkpoints, resume, fingerprint)
+    checkpointing = make_checkpointing(
+        checkpoint_dir, keep_checkpoints, resume, fingerprint, "fit_vi"
+    )
     _start_data_init_at_identity(flow)
     model = split_model(flow)
     objective = _elbo_objective(model.definition, log_density, num_samples, eval_samples, stl, mesh)
@@ -347,14 +351,6 @@ def fit_vi(
         checkpointing=checkpointing,
     )
     return _vi_history(run, num_samples, eval_samples, stl)
-
-
-def _checkpointing(directory, keep: int, resume: bool, fingerprint: dict):
-    if directory is None:
-        if resume:
-            raise ValueError("fit_vi: resume=True needs a checkpoint_dir")
-        return None
-    return Checkpointing(directory, keep, bool(resume), fingerprint, "fit_vi")
 
 
 def _vector_dim(flow, who: str) -> int:
