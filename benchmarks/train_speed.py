@@ -2,7 +2,7 @@
 
 Both sides train the same model: RealNVP with ``--layers`` affine couplings (alternating masks,
 scale ``tanh(s / e^c) · e^c``), MLP conditioners (``--hidden``, tanh), a standard normal base,
-``optax.adam(1e-3)``, on the "banana" data.
+``optax.adamw(1e-3)`` (the tutorial's optimizer), on the "banana" data.
 
 * baseline: the tutorial's pattern, re-created here: Flax Linen modules, a ``jax.jit``-ed train
   step (loss + grad + optax update) called once per step from a Python loop that reads the loss
@@ -11,9 +11,11 @@ scale ``tanh(s / e^c) · e^c``), MLP conditioners (``--hidden``, tanh), a standa
 * Linen step in scan (the loop-free limit): the baseline's own step inside ``lax.scan``,
   ``chunk`` steps per call (about 500, fit's chunk size), batches gathered on the device: its
   compute without the Python loop, the most that removing the loop alone can gain.
-* nflax: ``nflax.fit(flow, x, optimizer=optax.adam(1e-3), batch_size=..., progress=False)``,
-  the library defaults (``Stack(unroll="auto")``), started from the baseline's initial weights
-  (``--no-same-init`` for its own).
+* nflax: ``nflax.fit(flow, x, batch_size=..., progress=False)`` with ``fit``'s default
+  optimizer (``optax.adamw(1e-3)`` over one flat parameter vector,
+  ``nflax.training.default_fit_optimizer(--lr)``) and the library defaults
+  (``Stack(unroll="auto")``), started from the baseline's initial weights (``--no-same-init``
+  for its own).
 * optional rows: ``--scanned-row`` fit with the layer scan not unrolled (``unroll=False``),
   ``--patience-row`` fit with a patience on the training loss.
 * ``--nll-seeds``: final NLL of both over several seeds (init and batch order), to tell a
@@ -50,6 +52,7 @@ from flax import nnx
 from flax.training import train_state
 
 import nflax
+from nflax.training import default_fit_optimizer
 
 LOG_2PI = float(np.log(2 * np.pi))
 
@@ -104,7 +107,7 @@ def baseline_setup(args, data: np.ndarray, batch: int):
     model = LinenRealNVP(data.shape[1], args.layers, tuple(args.hidden))
     params = model.init(jax.random.key(args.seed), jnp.asarray(data[:batch]))["params"]
     state = train_state.TrainState.create(
-        apply_fn=model.apply, params=params, tx=optax.adam(args.lr)
+        apply_fn=model.apply, params=params, tx=optax.adamw(args.lr)
     )
 
     def loss_fn(params, x):
@@ -278,7 +281,8 @@ def lockstep(args, data: np.ndarray, batch: int, rounds: int) -> dict:
 
     nflax.fit(
         flow, data, key=jax.random.key(args.seed), steps=(rounds + 2) * w, chunk_size=w,
-        optimizer=optax.adam(args.lr), batch_size=batch, progress=False, callback=callback,
+        optimizer=default_fit_optimizer(args.lr), batch_size=batch, progress=False,
+        callback=callback,
     )  # fmt: skip
     steps = {"base": w, "scan": limit.chunk, "ours": w}
     rate = {k: steps[k] / np.asarray(v[: len(times["ours"])]) for k, v in times.items()}
@@ -352,7 +356,7 @@ def run_nflax(args, data: np.ndarray, batch: int, steps: int, unroll=None, **kw)
         data,
         key=jax.random.key(args.seed),
         steps=steps,
-        optimizer=optax.adam(args.lr),
+        optimizer=default_fit_optimizer(args.lr),
         batch_size=batch,
         progress=False,
         callback=lambda step, m: elapsed.append(step / m["steps_per_second"]),
@@ -389,8 +393,8 @@ def depth_sweep(args, data: np.ndarray) -> list[dict]:
             nflax.engine.PROGRAMS.clear()
         c0 = time.process_time()
         hist = nflax.fit(
-            flow, data, key=jax.random.key(0), steps=steps, optimizer=optax.adam(args.lr),
-            batch_size=batch, progress=False,
+            flow, data, key=jax.random.key(0), steps=steps,
+            optimizer=default_fit_optimizer(args.lr), batch_size=batch, progress=False,
         )  # fmt: skip
         return hist, time.process_time() - c0
 
@@ -437,7 +441,7 @@ def _flops(compiled) -> float:
 
 def analytic_flops(args, batch: int) -> float:
     """Matmul FLOPs of one train step: forward 2·in·out per dense layer and point, ×3 with
-    the backward pass (grad wrt inputs and weights); elementwise work and adam not counted."""
+    the backward pass (grad wrt inputs and weights); elementwise work and adamw not counted."""
     sizes = [2, *args.hidden, 4]
     fwd = sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
     return 3.0 * fwd * args.layers * batch

@@ -144,6 +144,17 @@ def warmup_cosine(learning_rate: float, steps: int, warmup: int = 200) -> optax.
     return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
 
 
+def default_fit_optimizer(learning_rate: float = 1e-3) -> optax.GradientTransformation:
+    """:func:`fit`'s default: ``optax.adamw(learning_rate)`` on one flat vector of all the
+    parameters.
+
+    ``optax.flatten`` computes the same numbers (adamw is elementwise), in one array instead
+    of one per parameter: fewer, larger operations per step, which is what a small flow's step
+    on a CPU is made of (about 10 % faster; ``benchmarks/train_speed.py``).
+    """
+    return optax.flatten(optax.adamw(learning_rate))
+
+
 def default_optimizer(
     steps: int,
     learning_rate: float = 2e-3,
@@ -375,7 +386,8 @@ def fit(
       context: for a conditional flow, the context of each row of ``x``, shape
         ``(n, context_dim)``; rows of ``x`` and ``context`` stay together in every split
         and minibatch.
-      optimizer: an optax transformation, default ``optax.adamw(1e-3)``.
+      optimizer: an optax transformation, default ``optax.adamw(1e-3)`` (flattened:
+        :func:`default_fit_optimizer`).
       batch_size: minibatch size, default the whole training set (full batch). Batches are
         drawn on the device, without replacement within an epoch; the last, smaller batch of an
         epoch is masked, so it does not change any shape.
@@ -447,7 +459,7 @@ def fit(
     )
     val_fraction = _val_fraction(val_fraction, settings.patience)
     tx = with_clipping(
-        optimizer if optimizer is not None else optax.adamw(1e-3), max_grad_norm, "fit"
+        optimizer if optimizer is not None else default_fit_optimizer(), max_grad_norm, "fit"
     )
     bsz = None if batch_size is None else positive_int("batch_size", batch_size, "fit")
     checkpointing = make_checkpointing(checkpoint_dir, keep_checkpoints, resume, {}, "fit")
