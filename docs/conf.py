@@ -68,8 +68,12 @@ extensions = [
     "sphinx_autodoc_typehints",  # after napoleon
     "sphinxarg.ext",  # the CLI page, generated from nflax.cli.build_parser
     "sphinx_copybutton",
+    "sphinx_design",  # dropdowns (the gallery's sources)
     "sphinx-mathjax-offline",  # MathJax 3 copied into the site: math renders with no network
 ]
+
+# quotes and ellipses, but no dashes: "--flag" stays two hyphens (the CLI page, commands)
+smartquotes_action = "qe"
 
 exclude_patterns = ["_build", "screenshots", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 
@@ -205,7 +209,10 @@ def _module_page(modname: str, documented: set[str]) -> tuple[str, dict[str, str
 
 def _object_page(modname: str, name: str, kind: str) -> str:
     directive = {
-        "class": f".. autoclass:: {name}\n   :members:\n   :show-inheritance:\n",
+        # inherited members down to (not including) Flax's nnx.Module and nnx.Variable: a
+        # bijection's page shows forward/inverse/trajectory from Bijection, not Flax's methods
+        "class": f".. autoclass:: {name}\n   :members:\n   :inherited-members: Module, Variable\n"
+        "   :exclude-members: __new__\n   :show-inheritance:\n",
         "exception": f".. autoexception:: {name}\n   :show-inheritance:\n",
         "function": f".. autofunction:: {name}\n",
         "data": f".. autodata:: {name}\n",
