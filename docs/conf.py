@@ -12,7 +12,8 @@ Warnings are errors, and the build needs no network:
   ``_static/mathjax/`` after a successful build; ``mathjax_path`` points there, not at a CDN
   (Sphinx's default). ``tests/test_docs_site.py`` checks that no page loads a remote script;
 * notebooks (the tutorial) run locally with myst-nb, cached under ``docs/_build/.jupyter_cache``
-  so an unchanged notebook is not executed again.
+  so an unchanged notebook is not executed again (the cache knows the notebook's code, not
+  nflax's: after a change to the library, delete ``docs/_build`` to see its effect there).
 
 The API reference is generated at every build (``write_api_pages`` below) from the public
 names of each module: its ``__all__`` and the functions and classes it defines, so a new
@@ -44,6 +45,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 warnings.filterwarnings("ignore", message=".*set_application.*is deprecated")
 
 import matplotlib  # noqa: E402
+from docutils import nodes  # noqa: E402
+from sphinx.transforms import SphinxTransform  # noqa: E402
 
 import nflax  # noqa: E402
 import nflax.cli  # noqa: E402, F401  (before the next lines: it sets MPLBACKEND=Agg on import)
@@ -72,15 +75,11 @@ extensions = [
     "sphinx-mathjax-offline",  # MathJax 3 copied into the site: math renders with no network
 ]
 
-# quotes and ellipses, but no dashes: "--flag" stays two hyphens (the CLI page, commands)
-smartquotes_action = "qe"
-
 exclude_patterns = ["_build", "screenshots", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 
 # ---- HTML --------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"nflax {release}"
-html_last_updated_fmt = None
 
 # ---- math: offline MathJax -----------------------------------------------------------------
 # The extension sets this too; said here so that nobody has to look it up. The path is
@@ -278,6 +277,29 @@ def direction_lists(app, what, name, obj, options, lines: list[str]) -> None:
     lines[:] = out
 
 
+# ---- the CLI page: flags in help texts as code ----------------------------------------------
+class FlagsAsCode(SphinxTransform):
+    """On the CLI page, a ``--flag`` named in a help text becomes code, as on the rest of the
+    site; left as text, smart quotes would turn its ``--`` into a dash (they run next)."""
+
+    default_priority = 700  # before SphinxSmartQuotes (750)
+    FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
+
+    def apply(self, **kwargs) -> None:
+        if self.env.docname != "cli":
+            return
+        for text in list(self.document.findall(nodes.Text)):
+            parent = text.parent
+            if parent is None or isinstance(parent, nodes.FixedTextElement | nodes.literal):
+                continue
+            pieces = self.FLAG.split(str(text))
+            if len(pieces) == 1:
+                continue
+            new = [nodes.literal(p, p) if i % 2 else nodes.Text(p) for i, p in enumerate(pieces)]
+            parent.replace(text, [n for n in new if n.astext()])
+
+
 def setup(app):
     # after napoleon (priority 500), which has turned Google-style sections into fields
     app.connect("autodoc-process-docstring", direction_lists, priority=600)
+    app.add_transform(FlagsAsCode)
