@@ -134,6 +134,9 @@ API_MODULES = [
     "nflax.nets",
     "nflax.vector_fields",
     "nflax.variables",
+    "nflax.datafiles",
+    "nflax.image_data",
+    "nflax.runs",
 ]
 API_DIR = DOCS / "api" / "generated"
 
