@@ -188,7 +188,7 @@ def _module_page(modname: str, documented: set[str]) -> tuple[str, dict[str, str
         kind = _kind(obj)
         by_kind.setdefault(kind, []).append(name)
         if kind != "module":
-            pages[f"{modname}.{name}"] = _object_page(modname, name, kind)
+            pages[f"{modname}.{name}"] = _object_page(modname, name, obj, kind)
     lines = [_title(modname), f".. automodule:: {modname}\n   :no-members:\n"]
     lines.append(f".. currentmodule:: {modname}\n")
     submodules = by_kind.get("module", [])
@@ -209,13 +209,15 @@ def _module_page(modname: str, documented: set[str]) -> tuple[str, dict[str, str
     return "\n".join(lines), pages
 
 
-def _object_page(modname: str, name: str, kind: str) -> str:
+def _object_page(modname: str, name: str, obj, kind: str) -> str:
+    # "Bases: ..." unless the only base is object
+    bases = "   :show-inheritance:\n" if getattr(obj, "__bases__", (object,)) != (object,) else ""
     directive = {
         # inherited members down to (not including) Flax's nnx.Module and nnx.Variable: a
         # bijection's page shows forward/inverse/trajectory from Bijection, not Flax's methods
         "class": f".. autoclass:: {name}\n   :members:\n   :inherited-members: Module, Variable\n"
-        "   :exclude-members: __new__\n   :show-inheritance:\n",
-        "exception": f".. autoexception:: {name}\n   :show-inheritance:\n",
+        f"   :exclude-members: __new__\n{bases}",
+        "exception": f".. autoexception:: {name}\n{bases}",
         "function": f".. autofunction:: {name}\n",
         "data": f".. autodata:: {name}\n",
     }[kind]
