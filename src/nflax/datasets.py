@@ -442,3 +442,25 @@ from nflax.image_data import (  # noqa: E402, F401  (re-exported from their own 
     read_idx,
     read_mnist,
 )
+
+__all__ = [
+    "ConditionalDataset",
+    "Dataset",
+    "ImageData",
+    "Target",
+    "correlated_gaussian",
+    "correlated_gaussian_moments",
+    "digits",
+    "get",
+    "get_conditional",
+    "get_target",
+    "grid_log_normalizer",
+    "image_names",
+    "load_images",
+    "mnist",
+    "mnist_5k",
+    "names",
+    "read_idx",
+    "read_mnist",
+    "target_names",
+]

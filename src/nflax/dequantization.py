@@ -263,10 +263,12 @@ def fit_dequantized(
         for variational dequantization.
       validation: held-out levels (e.g. ``data.validation``): the monitored metric is their
         negative bound (fixed noise); without, the training loss of each step.
-      optimizer, batch_size, patience, eval_every, max_grad_norm, restore_best, chunk_size,
-        progress, callback, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, ema:
-        as in :func:`nflax.fit` (``restore_best`` defaults to on with a validation set or a
-        patience).
+
+    The other arguments (``optimizer``, ``batch_size``, ``patience``, ``eval_every``,
+    ``max_grad_norm``, ``restore_best``, ``chunk_size``, ``progress``, ``callback``,
+    ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``, ``resume``, ``ema``) are
+    as in :func:`nflax.fit` (``restore_best`` defaults to on with a validation set or a
+    patience).
 
     Returns:
       A :class:`nflax.History` whose ``loss`` and ``val_loss`` are the negative bound in nats

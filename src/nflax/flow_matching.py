@@ -254,13 +254,15 @@ def fit_flow_matching(
     batch) and not trained; the vector field (and a context embedding) are. See the module
     docstring for the loss.
 
+    ``flow``, ``x``, ``key``, ``steps``, ``context``, ``batch_size``, ``patience``,
+    ``val_fraction``, ``eval_every``, ``max_grad_norm``, ``restore_best``, ``chunk_size``,
+    ``progress``, ``callback``, ``checkpoint_dir``, ``checkpoint_every``,
+    ``keep_checkpoints``, ``resume``, ``mesh``, ``devices`` and ``ema`` are as in
+    :func:`nflax.fit`; the monitored metric is the flow-matching loss of the held-out rows
+    (``patience`` and ``restore_best`` act on it), evaluated by default every 50 steps or
+    once per epoch, whichever is longer.
+
     Args:
-      flow, x, key, steps, context, batch_size, patience, val_fraction, eval_every,
-        max_grad_norm, restore_best, chunk_size, progress, callback, checkpoint_dir,
-        checkpoint_every, keep_checkpoints, resume, mesh, devices, ema: as in
-        :func:`nflax.fit`; the monitored metric is the flow-matching loss of the held-out
-        rows (``patience`` and ``restore_best`` act on it), evaluated by default every 50
-        steps or once per epoch, whichever is longer.
       optimizer: default :func:`default_flow_matching_optimizer` ``(steps)``.
       ot: pair each minibatch's noise with its data by an entropic optimal-transport plan
         (:func:`sinkhorn_pairing`) instead of at random. It costs a Sinkhorn solve on a

@@ -490,3 +490,17 @@ def cnf(
 
 # The image flows register themselves in IMAGE_CONSTRUCTORS; re-exported here.
 from nflax.flows_image import glow, realnvp_image  # noqa: E402, F401
+
+__all__ = [
+    "build",
+    "cnf",
+    "glow",
+    "iaf",
+    "maf",
+    "nice",
+    "nsf",
+    "planar",
+    "realnvp",
+    "realnvp_image",
+    "register",
+]

@@ -376,7 +376,7 @@ def fit(
     devices: str | Sequence | None = None,
     ema: float | None = None,
 ) -> History:
-    """Fit ``flow`` to data ``x`` by maximum likelihood (minimise the mean NLL), in place.
+    r"""Fit ``flow`` to data ``x`` by maximum likelihood (minimise the mean NLL), in place.
 
     Args:
       flow: the flow to train; its parameters are updated in place.
@@ -418,8 +418,9 @@ def fit(
         batch is padded and masked). With several processes (:func:`nflax.parallel.initialize`)
         each passes its own rows as ``x``; they are gathered, in process order.
       devices: ``"all"`` (or a list of devices) builds that mesh for you.
-      ema: keep an exponential moving average of the parameters, ``θ̄_t = ema·θ̄_{t−1} +
-        (1 − ema)·θ_t`` (bias-corrected, as Adam's moments), e.g. ``0.99``. The validation
+      ema: keep an exponential moving average of the parameters,
+        :math:`\bar\theta_t = \mathrm{ema}\,\bar\theta_{t-1} + (1 - \mathrm{ema})\,\theta_t`
+        (bias-corrected, as Adam's moments), e.g. ``0.99``. The validation
         NLL, the best parameters and the parameters the flow ends with are then those of the
         average, which is far less noisy than the last iterate (Polyak averaging).
       resume: continue from the latest checkpoint in ``checkpoint_dir`` (the same data, key
