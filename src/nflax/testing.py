@@ -6,7 +6,7 @@ compiled program:
 
 | property | what is measured | default tolerance (atol, rtol) |
 | --- | --- | --- |
-| ``round_trip`` | ``|inverse(forward(x)) − x|`` | ``(1e-5, 1e-6)`` |
+| ``round_trip`` | ``|inverse(forward(x)) − x|`` | ``(1e-5, 1e-5)`` |
 | ``inverse_log_det`` | ``|log-det of the inverse + log-det of the forward|`` | ``(1e-4, 1e-5)`` |
 | ``log_det`` | ``|log-det − log|det J||``, ``J`` by ``jax.jacfwd`` (flattened) | ``(1e-4, 1e-6)`` |
 | ``batch_dims`` | ``|forward on (1, n, …) − forward on one event|`` | ``(1e-5, 1e-6)`` |
@@ -15,7 +15,7 @@ compiled program:
 | ``finite`` | NaN/inf outputs or gradients, at the inputs and far out | none may be |
 | ``trajectory`` | ``|trajectory(x)[-1] − forward(x)|`` (composite layers) | ``(1e-5, 1e-5)`` |
 | ``layers_move`` | elementary layers that move no input by more than ``1e-3`` | none may |
-| ``context_broadcast`` | ``|forward(x, c[:1]) − forward(x, c)|`` on row 0 | ``(1e-6, 1e-6)`` |
+| ``context_broadcast`` | ``|forward(x, c[:1]) − forward(x, c)|`` on row 0 | ``(1e-5, 1e-6)`` |
 | ``context_used`` | whether another context changes any output by more than ``1e-6`` | it must |
 
 The gradients are those of the standard-normal NLL ``Σ ½‖z‖² − log|det J|`` over all points.
@@ -54,14 +54,14 @@ Array = jax.Array
 #: Default tolerances: ``(atol, rtol)`` of each compared property (allowed ``atol + rtol·|ref|``)
 #: and the thresholds of ``layers_move``, ``context_used`` and ``mass`` (``rtol`` unused).
 TOLERANCES: dict[str, tuple[float, float]] = {
-    "round_trip": (1e-5, 1e-6),
+    "round_trip": (1e-5, 1e-5),
     "inverse_log_det": (1e-4, 1e-5),
     "log_det": (1e-4, 1e-6),
     "batch_dims": (1e-5, 1e-6),
     "jit": (1e-5, 2e-6),
     "trajectory": (1e-5, 1e-5),
     "layers_move": (1e-3, 0.0),
-    "context_broadcast": (1e-6, 1e-6),
+    "context_broadcast": (1e-5, 1e-6),
     "context_used": (1e-6, 0.0),
     "mass": (0.01, 0.0),
 }
