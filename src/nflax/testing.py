@@ -250,7 +250,11 @@ def check_bijection(
     >>> from nflax.bijections import AffineCoupling, alternating_mask
     >>> from nflax.nets import MLP
     >>> layer = AffineCoupling(alternating_mask(2), MLP(2, 4, hidden=(8,), rngs=nnx.Rngs(0)))
-    >>> check_bijection(layer, key=jax.random.key(0))["round_trip"].passed
+    >>> check_bijection(layer, key=jax.random.key(0))  # a fresh coupling is the identity
+    Traceback (most recent call last):
+    ...
+    nflax.testing.CheckError: check_bijection: AffineCoupling fails gradients: ...
+    >>> check_bijection(layer, key=jax.random.key(0), perturb=0.1)["round_trip"].passed
     True
     """
     b = setup.require_bijection("check_bijection", bijection)
