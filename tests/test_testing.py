@@ -195,6 +195,18 @@ def test_a_nan_gradient_from_the_discarded_branch_of_where_is_caught_far_out():
     assert "far-out point 0, x = [-12. -12.]" in str(error)
 
 
+def test_a_log_det_of_the_wrong_shape_ends_the_check_with_the_shapes_named():
+    class NotSummed(ShiftScale):
+        def _forward(self, x, c):
+            return super()._forward(x, c)[0], jnp.broadcast_to(self.s[...], x.shape)
+
+    error = _failure(NotSummed(2))
+    assert error.failed == ("shapes",) and len(error.report.checks) == 1
+    assert "forward's log-det on (1, N, …) inputs has shape (1, 16, 2), expected (1, 16)" in str(
+        error
+    )
+
+
 def test_a_conditional_layer_checks_the_context_and_one_that_ignores_it_fails():
     report = check_bijection(ShiftScale(2, context_dim=3), key=KEY)
     assert report["context_used"].passed and report["context_broadcast"].passed

@@ -1,5 +1,6 @@
 """Measurements behind :func:`nflax.testing.check_bijection`: each turns the program's arrays
-into ``(error, tolerance, where)``, the worst error, what it was allowed, and where it was."""
+into ``(error, tolerance, where)``, the worst error, what it was allowed, and where it was;
+:func:`measure` runs them all, in the order of the report."""
 
 from __future__ import annotations
 
@@ -9,6 +10,103 @@ import numpy as np
 
 Measured = tuple[float, float, str]
 Describe = Callable[[int], str]
+Movement = list[tuple[str, float | None]]
+
+
+def wrong_shapes(
+    out: dict, event: tuple[int, ...], latent: tuple[int, ...], n: int, m: int
+) -> list[str]:
+    """What has the wrong shape among the program's outputs (``n`` inputs, ``m`` far-out
+    points); when nothing does, ``out`` gains the forward pass on all points (``z_all``,
+    ``ld_all``) and on the inputs (``z``, ``ld``)."""
+    expected = {
+        "z2": ("forward's output on (1, N, …) inputs", (1, n + m, *latent)),
+        "ld2": ("forward's log-det on (1, N, …) inputs", (1, n + m)),
+        "x_back": ("inverse's output", (n, *event)),
+        "ld_inv": ("inverse's log-det", (n,)),
+        "z_single": ("forward's output on one event", (n, *latent)),
+        "ld_single": ("forward's log-det on one event", (n,)),
+    }
+    wrong = []
+    for k, (what, want) in expected.items():
+        got = np.shape(out[k])
+        if got != want and k.endswith("single"):  # one event: vmapped over the inputs
+            got, want = got[1:], want[1:]
+        if got != want:
+            wrong.append(f"{what} has shape {got}, expected {want}")
+    if not wrong:
+        out["z_all"], out["ld_all"] = out["z2"][0], out["ld2"][0]
+        out["z"], out["ld"] = out["z_all"][:n], out["ld_all"][:n]
+    return wrong
+
+
+def measure(
+    out: dict,
+    names: list[str],
+    tol: dict[str, tuple[float, float]],
+    stacked: Sequence[tuple],
+    no_gradient: Sequence[tuple[str, ...]],
+    identity_layers: set[str],
+) -> tuple[list[tuple[str, Measured]], Movement]:
+    """Every property's ``(name, (error, tolerance, where))``, and each layer's movement."""
+    describe = point_describer(out["points"], len(out["x"]))
+    measured = _compared(out, tol, describe)
+    measured.append(("gradients", dead_parameters(out["grads"], stacked, no_gradient)))
+    measured.append(("finite", non_finite(out, describe)))
+    movement = _movement(out, names)
+    measured += _layer_checks(out, names, movement, identity_layers, tol, describe)
+    measured += _context_checks(out, tol, describe)
+    return measured, movement
+
+
+def _compared(out: dict, tol: dict, describe: Describe) -> list[tuple[str, Measured]]:
+    """The properties that compare two computations of the same numbers."""
+    ld = "the log-det"
+    pairs = {
+        "round_trip": [("", out["x_back"], out["x"])],
+        "inverse_log_det": [("", -out["ld_inv"], out["ld"])],
+        "log_det": [("", out["ld_single"], out["jac"])],
+        "batch_dims": [("z", out["z"], out["z_single"]), (ld, out["ld"], out["ld_single"])],
+        "jit": [("z", out["z"], out["z_eager"]), (ld, out["ld"], out["ld_eager"])],
+    }
+    return [(k, compare(p, tol[k], describe)) for k, p in pairs.items()]
+
+
+def _movement(out: dict, names: list[str]) -> Movement:
+    """Each elementary layer's largest move (a one-layer bijection: from input to output)."""
+    trajectory = out.get("trajectory") or [out["points"], out["z_all"]]
+    if len(trajectory) != len(names) + 1:
+        return []
+    return layer_movement(trajectory, names)
+
+
+def _layer_checks(out, names, movement, identity_layers, tol, describe):
+    """The trajectory ends at the forward output; every elementary layer moves its input."""
+    measured = []
+    if "trajectory" in out:
+        trajectory = out["trajectory"]
+        if len(trajectory) != len(names) + 1:
+            where = f"{len(trajectory)} arrays for {len(names)} layers (expected one more)"
+            measured.append(("trajectory", (1.0, 0.0, where)))
+        else:
+            pair = [("", trajectory[-1], out["z_all"])]
+            measured.append(("trajectory", compare(pair, tol["trajectory"], describe, True)))
+    idle = idle_layers(movement, identity_layers, tol["layers_move"][0])
+    return [*measured, ("layers_move", idle)]
+
+
+def _context_checks(out: dict, tol: dict, describe: Describe) -> list[tuple[str, Measured]]:
+    """A single context row broadcasts over the batch; another context changes the output."""
+    c = out["context"]
+    if c is None:
+        return []
+    row0 = [
+        ("z", out["z_row"][:1], out["z"][:1]),
+        ("the log-det", out["ld_row"][:1], out["ld"][:1]),
+    ]
+    measured = [("context_broadcast", compare(row0, tol["context_broadcast"], describe))]
+    used = context_ignored(out, np.any(c != c[:1], axis=1), tol["context_used"][0])
+    return measured if used is None else [*measured, ("context_used", used)]
 
 
 def point_describer(points: np.ndarray, num_inputs: int) -> Describe:
