@@ -18,6 +18,8 @@ compiled program:
 | ``context_broadcast`` | ``|forward(x, c[:1]) − forward(x, c)|`` on row 0 | ``(1e-5, 1e-6)`` |
 | ``context_used`` | whether another context changes any output by more than ``1e-6`` | it must |
 
+The inverse's log-det needs no Jacobian of its own: with an exact round trip,
+``J_inverse(z) = J_forward(x)⁻¹``, so ``log_det`` and ``inverse_log_det`` together cover it.
 The gradients are those of the standard-normal NLL ``Σ ½‖z‖² − log|det J|`` over all points.
 The last two run for conditional bijections only. :func:`check_flow` adds ``mass``, the
 density's integral (``|∫p − 1|``, ``atol`` 0.01 plus the estimate's own uncertainty).
