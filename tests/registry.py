@@ -220,3 +220,16 @@ IMAGE_REGISTRY = {
 IMAGE_CONDITIONAL = {
     "checkerboard_coupling": lambda s, r, c: _image_coupling(checkerboard_mask(s), r, c),
 }
+
+
+def exceptions(dim: int, conditional: bool = False) -> dict[str, list]:
+    """The declared exceptions at ``dim`` (channels for images), as the options of
+    ``nflax.testing.check_bijection``: ``no_gradient`` from ``NO_GRADIENT`` and
+    ``identity_layers`` from ``IDENTITY_AT``."""
+    no_gradient = [
+        suffix
+        for d, only_unconditional, suffix in NO_GRADIENT
+        if d == dim and not (only_unconditional and conditional)
+    ]
+    identity = [name for name, dims in IDENTITY_AT.items() if dim in dims]
+    return dict(no_gradient=no_gradient, identity_layers=identity)

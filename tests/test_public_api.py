@@ -212,6 +212,13 @@ PUBLIC = {
     "nflax.training.kernel_mask": ["test_training_recipe.py::test_weight_decay_shrinks_the_kernels_only"],
     "nflax.training.nll": ["test_training.py::test_nll_in_batches_smaller_than_the_data"],
     "nflax.training.warmup_cosine": ["test_training_recipe.py::test_warmup_cosine_is_nflax_trains_schedule"],
+    # nflax.testing
+    "nflax.testing.BijectionReport": ["test_testing.py::test_a_correct_layer_passes_and_the_report_holds_every_property"],
+    "nflax.testing.Check": ["test_testing.py::test_a_correct_layer_passes_and_the_report_holds_every_property"],
+    "nflax.testing.CheckError": ["test_testing.py::test_each_fault_is_caught_and_named_with_its_worst_point_and_error", "test_testing.py::test_check_flow_passes_a_correct_flow_and_catches_a_density_off_by_a_constant"],
+    "nflax.testing.FlowReport": ["test_testing.py::test_check_flow_passes_a_correct_flow_and_catches_a_density_off_by_a_constant"],
+    "nflax.testing.check_bijection": ["test_testing.py::test_each_fault_is_caught_and_named_with_its_worst_point_and_error", "test_bijections.py::test_contract", "test_bijections.py::test_image_contract"],
+    "nflax.testing.check_flow": ["test_testing.py::test_check_flow_passes_a_correct_flow_and_catches_a_density_off_by_a_constant", "test_testing.py::test_check_flow_catches_a_base_off_by_a_constant_and_checks_each_context_row"],
     # nflax.vector_fields
     "nflax.vector_fields.VectorField": ["test_continuous.py::test_time_features_and_a_fresh_field_is_zero", "test_continuous.py::test_errors_name_the_layer_and_the_value"],
     "nflax.vector_fields.time_features": ["test_continuous.py::test_time_features_and_a_fresh_field_is_zero"],

@@ -48,8 +48,18 @@ __all__ = [
     "nets",
     "nll",
     "plotting",
+    "testing",
     "variables",
     "vi",
     "VIHistory",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``nflax.testing`` is imported on first use, so ``import nflax`` does not pay for it."""
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module("nflax.testing")
+    raise AttributeError(f"module 'nflax' has no attribute {name!r}")
