@@ -97,6 +97,9 @@ nb_execution_cache_path = str(DOCS / "_build" / ".jupyter_cache")
 nb_execution_timeout = 900  # seconds per cell; the whole build stays under 10 minutes
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
+# A cell tagged raises-exception shows its traceback; nflax's messages use "→", which the
+# IPython traceback lexer cannot highlight: such a block is shown as plain text, not warned of.
+suppress_warnings = ["misc.highlighting_failure"]
 nb_merge_streams = True
 
 # ---- autodoc -------------------------------------------------------------------------------
