@@ -206,6 +206,7 @@ PUBLIC = {
     "nflax.training.History": ["test_plotting.py::test_plot_history_lines"],
     "nflax.training.batch_indices": ["test_training.py::test_minibatch_epochs_visit_every_point_once"],
     "nflax.training.check_data": ["test_training.py::test_check_data_returns_float32_rows_or_names_the_problem"],
+    "nflax.training.default_fit_optimizer": ["test_training_recipe.py::test_fit_default_optimizer_is_adamw_on_one_flat_vector"],
     "nflax.training.default_optimizer": ["test_training_recipe.py::test_weight_decay_shrinks_the_kernels_only"],
     "nflax.training.epoch_permutation": ["test_training.py::test_minibatch_epochs_visit_every_point_once"],
     "nflax.training.fit": ["test_training.py::test_fit_learns_and_reports", "test_training_recipe.py::test_the_flow_ends_with_the_bias_corrected_average_of_the_iterates"],
