@@ -24,10 +24,13 @@ from nflax.datafiles import DataFileError, load_array
 from nflax.variables import needs_data_init
 
 
-def _small(name, dim=2, seed=0):
+def _small_kwargs(name):
     params = inspect.signature(flows.CONSTRUCTORS[name]).parameters
-    kw = {k: v for k, v in dict(num_layers=2, hidden=(8,)).items() if k in params}
-    return flows.build(name, dim=dim, rngs=nnx.Rngs(seed), **kw)
+    return {k: v for k, v in dict(num_layers=2, hidden=(8,)).items() if k in params}
+
+
+def _small(name, dim=2, seed=0):
+    return flows.build(name, dim=dim, rngs=nnx.Rngs(seed), **_small_kwargs(name))
 
 
 def snapshot(root: Path) -> dict:
@@ -42,19 +45,34 @@ def snapshot(root: Path) -> dict:
 # -- save / load --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(flows.CONSTRUCTORS))
 def test_save_load_round_trip_is_bit_exact(name, tmp_path):
+    """An unconditional flow: its spec records every argument of the constructor (the given
+    ones and the defaults), rebuilds the same flow from the same seed, and a saved and loaded
+    flow is the same density bit for bit (non-default arguments: the next test)."""
     flow = _small(name)
-    perturb(flow, jax.random.key(1), scale=0.1)
+    spec = json.loads(flow.spec)
+    params = inspect.signature(flows.CONSTRUCTORS[name]).parameters
+    want = {k: p.default for k, p in params.items() if k != "rngs"}
+    want.update(dim=2, **json.loads(json.dumps(_small_kwargs(name))))  # tuples: JSON lists
+    assert spec == {"constructor": name, "kwargs": want}
+    rebuilt = flows.build(spec["constructor"], **spec["kwargs"], rngs=nnx.Rngs(0))
+    assert rebuilt.spec == flow.spec
+    for f in (flow, rebuilt):
+        perturb(f, jax.random.key(1), scale=0.1)
     x = jax.random.normal(jax.random.key(0), (16, 2))
-    if any(getattr(m, "needs_data_init", False) for _, m in nnx.iter_graph(flow)):
+    if needs_data_init(flow):
         flow.log_prob(x)  # ActNorm: the initialised state must survive the round trip
     nflax.save(tmp_path / "ck", flow)
     loaded = nflax.load(tmp_path / "ck")
-    np.testing.assert_array_equal(np.asarray(loaded.log_prob(x)), np.asarray(flow.log_prob(x)))
+    lp = np.asarray(flow.log_prob(x))
+    assert np.all(np.isfinite(lp))
+    np.testing.assert_array_equal(np.asarray(loaded.log_prob(x)), lp)
+    np.testing.assert_array_equal(np.asarray(rebuilt.log_prob(x)), lp)
     assert loaded.spec == flow.spec
 
 
 # Every argument of every constructor but ``dim`` (and nsf's ``variant`` in its coupling case)
-# away from its default: each must reach the saved spec and come back.
+# away from its default: each must reach the saved spec and come back. Every case is conditional
+# with an embedding network (context_dim → embedding sizes), saved and loaded with it.
 NON_DEFAULT = {
     "realnvp": dict(num_layers=3, hidden=(8, 4), leaky_relu=True, actnorm=True,
                     activation="silu", context_dim=2, embedding=(4, 3)),
@@ -80,9 +98,13 @@ def test_non_default_arguments_round_trip_bit_for_bit(case, tmp_path):
     assert untouched <= {"variant"}, f"{name}: give {untouched} a non-default value here"
     assert all(kwargs[k] != params[k].default for k in kwargs)
     flow = flows.build(name, dim=3, rngs=nnx.Rngs(0), **kwargs)
+    # the embedding: an MLP from the raw context to the features the layers see
+    cdim, features = kwargs["context_dim"], kwargs["embedding"][-1]
+    assert flow.context_dim == cdim and flow.feature_dim == features
+    assert (flow.embedding.in_features, flow.embedding.out_features) == (cdim, features)
     perturb(flow, jax.random.key(1), scale=0.1)
     x = jax.random.normal(jax.random.key(0), (16, 3))
-    c = jax.random.normal(jax.random.key(2), (16, kwargs["context_dim"]))
+    c = jax.random.normal(jax.random.key(2), (16, cdim))
     if needs_data_init(flow):
         flow.log_prob(x, c)  # ActNorm: the initialised state must survive the round trip
     nflax.save(tmp_path / "ck", flow)
@@ -93,10 +115,13 @@ def test_non_default_arguments_round_trip_bit_for_bit(case, tmp_path):
         want.setdefault("variant", "coupling")
     assert json.loads(loaded.spec) == {"constructor": name, "kwargs": want}
     assert nnx.graphdef(loaded) == nnx.graphdef(flow)
-    np.testing.assert_array_equal(
-        np.asarray(loaded.log_prob(x, c)), np.asarray(flow.log_prob(x, c))
-    )
-    assert not np.array_equal(flow.log_prob(x, c), flow.log_prob(x, c[::-1]))  # context matters
+    lp = np.asarray(flow.log_prob(x, c))
+    assert np.all(np.isfinite(lp))
+    np.testing.assert_array_equal(np.asarray(loaded.log_prob(x, c)), lp)
+    assert not np.array_equal(lp, flow.log_prob(x, c[::-1]))  # the context matters
+    wrong = rf"context of shape \(\*batch, {cdim}\) for the embedding"
+    with pytest.raises(ValueError, match=wrong):
+        flow.log_prob(x, jnp.zeros((16, cdim + 1)))
 
 
 def test_save_replaces_atomically_and_leaves_no_temporaries(tmp_path):

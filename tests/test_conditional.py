@@ -114,26 +114,9 @@ def test_embedding_network_is_trained():
     assert not np.allclose(before, np.asarray(flow.embedding.out.kernel[...]))
 
 
-@pytest.mark.parametrize("name", ["realnvp", "nice", "maf", "iaf", "nsf", "planar"])
-def test_constructor_embedding_saves_and_loads(name, tmp_path):
-    # embedding=(8, 2): an MLP maps the raw 3-dim context through 8 hidden units to 2 features
-    flow = nflax.flows.build(
-        name, dim=2, num_layers=2, context_dim=3, embedding=(8, 2), rngs=nnx.Rngs(0)
-    )
-    assert flow.context_dim == 3 and flow.feature_dim == 2
-    assert flow.embedding.in_features == 3 and flow.embedding.out_features == 2
-    perturb(flow, jax.random.key(3), scale=0.2)
-    x = jax.random.normal(jax.random.key(0), (5, 2))
-    c = jax.random.normal(jax.random.key(1), (5, 3))
-    lp = flow.log_prob(x, c)
-    assert np.all(np.isfinite(lp))
-    # the embedding matters: other contexts give other densities
-    assert not np.allclose(lp, flow.log_prob(x, c + 1.0))
-    nflax.save(tmp_path / "f", flow)
-    back = nflax.load(tmp_path / "f")
-    np.testing.assert_array_equal(back.log_prob(x, c), lp)
-    with pytest.raises(ValueError, match=r"context of shape \(\*batch, 3\) for the embedding"):
-        flow.log_prob(x, c[:, :2])
+# Each constructor with an embedding network (context_dim, feature_dim, the error for a context
+# of the wrong width) saved and loaded bit for bit: test_checkpoint.py's
+# test_non_default_arguments_round_trip_bit_for_bit, where every case has an embedding.
 
 
 def test_embedding_argument_errors():

@@ -181,7 +181,7 @@ def _refused(proc: subprocess.Popen, run: Path) -> None:
     assert err == f"nflax: error: run folder {run} is in use by another nflax process\n"
 
 
-def test_two_runs_on_one_folder_the_second_is_refused(tmp_path):
+def test_two_runs_on_one_folder_the_second_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     procs = [_cli("--out", str(run), *LONG_RUN) for _ in range(2)]  # started together
     try:
@@ -194,10 +194,14 @@ def test_two_runs_on_one_folder_the_second_is_refused(tmp_path):
         _refused(finished[0], run)
         _wait_for(run / "config.json", winner)
         config = (run / "config.json").read_bytes()
-        late = [_cli("--resume", str(run)), _cli("--out", str(run), "--seed", "7")]
-        procs += late
-        for p in late:
-            _refused(p, run)
+        # later commands, here in this process (the lock is the other process's): refused too
+        base = ["train", "--layers", "1", "--hidden", "4", "--no-plots", "--quiet"]
+        for late in (["--resume", str(run)], ["--out", str(run), "--seed", "7"]):
+            capsys.readouterr()
+            assert main([*base, *late]) == 2
+            assert capsys.readouterr().err == (
+                f"nflax: error: run folder {run} is in use by another nflax process\n"
+            )
         assert winner.poll() is None  # still training, undisturbed
         assert (run / "config.json").read_bytes() == config
         assert not (run / "metrics.json").exists()
