@@ -311,7 +311,7 @@ def test_batchnorm_is_trained_by_fit_and_left_in_evaluation_mode(banana):
     np.testing.assert_allclose(nflax.nll(flow, banana[hist.val_index]).mean(), best, rtol=1e-5)
 
 
-@pytest.mark.slow  # test_flows.py::test_trained_density_integrates_to_one[realnvp] covers it
+@pytest.mark.slow  # test_flows.py::test_cli_trains_every_flow[realnvp] covers it
 def test_trained_density_integrates_to_one():
     ds = nflax.datasets.get("eight_gaussians")
     x = ds.sample(jax.random.key(0), 1024)
