@@ -440,7 +440,7 @@ def test_resume_of_a_finished_run_changes_nothing_that_matters(finished_run, tmp
     assert after["test_nll"] == before["test_nll"]
 
 
-def test_data_file_run_samples_in_original_units(tmp_path):
+def test_data_file_run_samples_in_original_units(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 2)) * [2.0, 50.0] + [10.0, -300.0]
     np.savetxt(tmp_path / "mine.csv", x, delimiter=",")
@@ -474,3 +474,17 @@ def test_data_file_run_samples_in_original_units(tmp_path):
     s = np.load(tmp_path / "s.npy")
     assert np.all(np.abs(s.mean(0) - [10.0, -300.0]) < [0.3, 8.0]), s.mean(0)
     np.testing.assert_allclose(s.std(0), [2.0, 50.0], rtol=0.15)
+    # the data file changes under the run: its resume is refused, the run left as it was
+    before = (run / "history.csv").read_text()
+    capsys.readouterr()
+    # the same shape, other values: the checkpoints' fingerprint refuses it
+    np.savetxt(tmp_path / "mine.csv", rng.normal(size=(400, 2)), delimiter=",")
+    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "come from a run with other data" in err, err
+    # another number of columns: refused before anything is loaded into a flow
+    np.savetxt(tmp_path / "mine.csv", rng.normal(size=(400, 3)), delimiter=",")
+    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "now has 3 column(s); the run was started with 2" in err, err
+    assert (run / "history.csv").read_text() == before

@@ -290,22 +290,5 @@ def test_flags_that_do_not_go_together_exit_2(argv, message, capsys, tmp_path, m
     assert not any(tmp_path.iterdir())
 
 
-def test_resume_after_the_data_file_changed(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "points.csv"
-    np.savetxt(data, rng.normal(size=(200, 2)), delimiter=",")
-    run = tmp_path / "run"
-    args = ["train", "--data", str(data), "--layers", "2", "--hidden", "8", "--steps", "20"]
-    assert main([*args, "--no-plots", "--quiet", "--out", str(run)]) == 0
-    before = (run / "history.csv").read_text()
-    # the same shape, other values: the checkpoints' fingerprint refuses it
-    np.savetxt(data, rng.normal(size=(200, 2)), delimiter=",")
-    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "come from a run with other data" in err, err
-    # another number of columns: refused before anything is loaded into a flow
-    np.savetxt(data, rng.normal(size=(200, 3)), delimiter=",")
-    assert main(["train", "--resume", str(run), "--quiet", "--no-plots"]) == 2
-    err = capsys.readouterr().err
-    assert "now has 3 column(s); the run was started with 2" in err, err
-    assert (run / "history.csv").read_text() == before
+# --resume after the data file changed (same shape other values, another number of columns):
+# test_checkpoint.py's test_data_file_run_samples_in_original_units, on its finished run.

@@ -21,6 +21,11 @@ DATA = np.asarray(jax.random.normal(jax.random.key(0), (256, 2)))
 STANDARD_NORMAL = StandardNormal(2).log_prob
 
 
+def wider_normal(x):
+    """A wider Gaussian target: something to learn (a fresh flow is N(0, I))."""
+    return STANDARD_NORMAL(x / 2.0)
+
+
 def _flow(seed: int = 0):
     return nflax.flows.realnvp(2, num_layers=2, hidden=(8,), rngs=nnx.Rngs(seed))
 
@@ -72,8 +77,7 @@ def test_nan_guard_stops_and_keeps_finite_parameters(objective):
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_resume_from_the_latest_checkpoint_is_exact(objective, tmp_path):
-    target = lambda x: STANDARD_NORMAL(x / 2.0)  # noqa: E731  (a wider Gaussian: something to learn)
-    kw = dict(checkpoint_every=20, log_density=target)
+    kw = dict(checkpoint_every=20, log_density=wider_normal)  # chunks of 20: as in the next test
     full = _flow()
     h_full = _train(objective, full, 60, checkpoint_dir=tmp_path / "a", **kw)
     _train(objective, _flow(), 40, checkpoint_dir=tmp_path / "b", **kw)
@@ -99,14 +103,14 @@ def test_resume_from_the_latest_checkpoint_is_exact(objective, tmp_path):
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_ema_zero_is_the_plain_iterate_and_a_callback_can_stop(objective):
+    # the plain run is the previous test's program (same settings but checkpoints): reused
     a, b = _flow(), _flow()
     calls = []
-    ha = _train(objective, a, 40, chunk_size=10)
-    hb = _train(
-        objective, b, 40, chunk_size=10, ema=0.0, callback=lambda s, m: calls.append(m) or s >= 20
-    )
-    assert hb.stop_reason == "callback" and hb.steps_run == 20 and len(calls) == 2
-    np.testing.assert_array_equal(_losses(objective, ha)[:20], _losses(objective, hb))
+    kw = dict(chunk_size=20, log_density=wider_normal)
+    ha = _train(objective, a, 60, **kw)
+    hb = _train(objective, b, 60, ema=0.0, callback=lambda s, m: calls.append(m) or s >= 40, **kw)
+    assert hb.stop_reason == "callback" and hb.steps_run == 40 and len(calls) == 2
+    np.testing.assert_array_equal(_losses(objective, ha)[:40], _losses(objective, hb))
     assert calls[-1]["steps_per_second"] > 0 and np.isfinite(calls[-1]["loss"])
 
 

@@ -130,7 +130,10 @@ def test_round_trip_within_float32_conditioning():
 
 
 def _grads(fn, v, params):
-    return jax.grad(lambda v, p: jnp.sum(fn(v, *p)[0] + fn(v, *p)[1]), argnums=(0, 1))(v, params)
+    """Gradients of the sum of outputs and log-derivatives, as a training step takes them:
+    compiled (eagerly, every op of the backward pass would be dispatched and compiled alone)."""
+    loss = lambda v, p: jnp.sum(fn(v, *p)[0] + fn(v, *p)[1])  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(v, params)
 
 
 @pytest.mark.parametrize("fn", [rq_spline_forward, rq_spline_inverse], ids=["fwd", "inv"])

@@ -30,7 +30,8 @@ def _params(flow):
 def test_fit_learns_and_reports(banana):
     flow = _small_flow()
     before = nflax.nll(flow, banana).mean()
-    hist = nflax.fit(flow, banana, key=jax.random.key(1), steps=300, progress=False)
+    # chunks of 10: test_callback_and_progress's settings, so that it reuses this program
+    hist = nflax.fit(flow, banana, key=jax.random.key(1), steps=300, chunk_size=10, progress=False)
     after = nflax.nll(flow, banana).mean()
     assert hist.stop_reason == "steps" and hist.steps_run == 300
     assert hist.loss.shape == (300,) and np.all(np.isfinite(hist.loss))
@@ -231,6 +232,7 @@ def test_history_export(banana, tmp_path):
         banana,
         key=jax.random.key(0),
         steps=12,
+        batch_size=64,  # test_same_seed_same_parameters's settings: its program is reused
         patience=50,
         eval_every=4,
         progress=False,
@@ -311,7 +313,7 @@ def test_batchnorm_is_trained_by_fit_and_left_in_evaluation_mode(banana):
     np.testing.assert_allclose(nflax.nll(flow, banana[hist.val_index]).mean(), best, rtol=1e-5)
 
 
-@pytest.mark.slow  # test_flows.py::test_trained_density_integrates_to_one[realnvp] covers it
+@pytest.mark.slow  # test_flows.py::test_cli_trains_every_flow[realnvp] covers it
 def test_trained_density_integrates_to_one():
     ds = nflax.datasets.get("eight_gaussians")
     x = ds.sample(jax.random.key(0), 1024)
