@@ -263,8 +263,8 @@ def test_resume_refuses_other_data_or_settings(data, tmp_path):
     before = snapshot(tmp_path / "c")
     with pytest.raises(ValueError, match="already holds training checkpoints"):
         _fit(data, 60, tmp_path / "c")
-    with pytest.raises(ValueError, match="other data"):
-        _fit(data[:200], 60, tmp_path / "c", resume=True)
+    with pytest.raises(ValueError, match="other data"):  # same shape (no new program): values
+        _fit(data * 1.01, 60, tmp_path / "c", resume=True)
     with pytest.raises(ValueError, match="different architecture"):
         flow = nflax.flows.realnvp(2, num_layers=4, hidden=(16,), rngs=nnx.Rngs(0))
         nflax.fit(
