@@ -245,7 +245,7 @@ def test_learnable_parameters_get_gradients():
         def nll(p, graphdef=graphdef, rest=rest):
             return -nnx.merge(graphdef, p, rest).log_prob(x).mean()
 
-        grads = jax.grad(nll)(params)
+        grads = jax.jit(jax.grad(nll))(params)
         leaves = jax.tree.leaves(grads)
         assert leaves and all(np.all(np.isfinite(g)) and np.any(g != 0) for g in leaves)
     # fixed df is not a parameter

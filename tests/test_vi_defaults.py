@@ -47,7 +47,14 @@ def moment_errors(flow, mean: np.ndarray, cov: np.ndarray, n: int = 1 << 16):
 
 
 @pytest.mark.parametrize(
-    "dim, make", [(4, _random_gaussian), (8, _builtin_gaussian)], ids=["4d-random", "8d-builtin"]
+    "dim, make",
+    [
+        (4, _random_gaussian),
+        # the same check on the built-in target in 8 dimensions (its moments: test_vi.py);
+        # 4d-random checks what the defaults recover in the default run
+        pytest.param(8, _builtin_gaussian, marks=pytest.mark.slow),
+    ],
+    ids=["4d-random", "8d-builtin"],
 )
 def test_defaults_recover_a_correlated_gaussian(dim, make):
     log_density, mean, cov = make(dim, 0)
