@@ -160,7 +160,7 @@ def nflax_configs(args) -> dict[str, dict]:
             "realnvp": dict(num_layers=2, hidden=(16,)),
             "nsf": dict(num_layers=2, hidden=(16,)),
         }
-    image = dict(hidden=args.hidden, coupling=args.coupling)
+    image = dict(hidden=args.hidden, coupling=args.coupling, squeeze_last=True)
     return {
         "glow": dict(levels=2, depth=args.depth, **image),
         "realnvp_image": dict(levels=2, depth=args.depth // 2 or 1, conditioner="glow", **image),

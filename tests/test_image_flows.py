@@ -294,3 +294,18 @@ def test_image_flows_take_a_coupling_and_a_conditioner(constructor):
         make((4, 4, 1), conditioner="mlp", **kw)
     with pytest.raises(ValueError, match=f"{constructor}: bins must be ≥ 2"):
         make((4, 4, 1), coupling="spline", bins=1, **kw)
+
+
+def test_squeeze_last_squeezes_the_last_level_too_and_checks_the_size():
+    flow = _glow((4, 4, 1), squeeze_last=True)
+    multiscale = flow.bijection.layers[1]
+    assert [b.latent_shape for b in multiscale.levels] == [(2, 2, 4), (1, 1, 8)]
+    assert isinstance(multiscale.levels[1].layers[0], Squeeze)
+    x = jax.random.uniform(jax.random.key(0), (3, 4, 4, 1))
+    z, ld = flow.bijection.forward(x)
+    back, ld_inv = flow.bijection.inverse(z)
+    assert z.shape == (3, 16)
+    np.testing.assert_allclose(back, x, atol=1e-5)
+    np.testing.assert_allclose(ld_inv, -ld, atol=1e-4)
+    with pytest.raises(ValueError, match=r"levels=2 \(squeeze_last=True\) squeezes 2 times.*by 4"):
+        nflax.flows.realnvp_image((2, 2, 1), levels=2, squeeze_last=True, rngs=nnx.Rngs(0))

@@ -8,8 +8,11 @@ from :mod:`nflax.flows`.
 
 The levels: level ``l < L − 1`` squeezes (``(h, w, c)`` → ``(h/2, w/2, 4c)``), runs ``depth``
 flow steps, optionally Glow's split prior, and factors out half the channels; the last level
-runs ``depth`` steps on what is left, without squeezing. So ``H`` and ``W`` must be divisible
-by ``2^(L−1)``: a 28×28 image takes 3 levels (14×14×4, 7×7×8, then 7×7×4).
+runs ``depth`` steps on what is left, without squeezing (RealNVP's last level). So ``H`` and
+``W`` must be divisible by ``2^(L−1)``: a 28×28 image takes 3 levels (14×14×4, 7×7×8, then
+7×7×4). With ``squeeze_last=True`` the last level squeezes too (Glow's, and normflows'), so
+``H`` and ``W`` must be divisible by ``2^L``: an 8×8 image with 2 levels runs 4×4×4, then
+2×2×8.
 """
 
 from __future__ import annotations
@@ -48,17 +51,21 @@ Shape = tuple[int, int, int]
 _image_constructor = functools.partial(_constructor, registry=IMAGE_CONSTRUCTORS)
 
 
-def _checked_shape(name: str, event_shape, levels: int, depth: int, hidden: int) -> Shape:
+def _checked_shape(
+    name: str, event_shape, levels: int, depth: int, hidden: int, squeeze_last: bool = False
+) -> Shape:
     """``event_shape`` as ``(H, W, C)``, checked against the number of squeezes."""
     for arg, value in (("levels", levels), ("depth", depth), ("hidden", hidden)):
         if value < 1:
             raise ValueError(f"{name}: {arg} must be ≥ 1, received {value}")
     shape = image_shape(name, event_shape)
-    k = 2 ** (levels - 1)
+    squeezes = levels if squeeze_last else levels - 1
+    k = 2**squeezes
     if shape[0] % k or shape[1] % k:
+        also = " (squeeze_last=True)" if squeeze_last else ""
         raise ValueError(
-            f"{name}: levels={levels} squeezes {levels - 1} times, so H and W must be divisible "
-            f"by {k}; received event_shape {shape}"
+            f"{name}: levels={levels}{also} squeezes {squeezes} times, so H and W must be "
+            f"divisible by {k}; received event_shape {shape}"
         )
     return shape
 
@@ -142,13 +149,14 @@ def _multiscale(
     depth: int,
     step: Callable[[Shape, int], Bijection],
     prior: Callable[[Shape], Bijection] | None,
+    squeeze_last: bool = False,
 ) -> MultiScale:
     """The levels (see the module docstring), each ``[Squeeze →] Stack(steps) [→ prior]``."""
     parts = []
     for level in range(levels):
         last = level == levels - 1
         layers: list[Bijection] = []
-        if not last:
+        if not last or squeeze_last:
             layers.append(Squeeze(shape))
             shape = layers[-1].latent_shape
         layers.append(Stack([step(shape, i) for i in range(depth)]))
@@ -175,6 +183,7 @@ def glow(
     hidden: int = 64,
     blocks: int = 1,
     split_prior: bool = True,
+    squeeze_last: bool = False,
     logit: bool = True,
     alpha: float = 0.05,
     activation: str = "relu",
@@ -191,7 +200,8 @@ def glow(
     :class:`~nflax.bijections.Invertible1x1Conv` → a coupling that splits the channels in half
     (a checkerboard when there is one channel only). ``split_prior=True`` ends every level but
     the last with Glow's learned prior of the factored-out half given the kept half (a
-    coupling, see :class:`~nflax.bijections.MultiScale`). ``logit=True`` maps data in
+    coupling, see :class:`~nflax.bijections.MultiScale`). ``squeeze_last=True`` squeezes
+    before the last level too, as Glow does (module docstring). ``logit=True`` maps data in
     ``[0, 1]`` to the real line first, ``y = logit(α + (1 − 2α)x)`` with ``α = alpha``, its
     log-det inside the flow.
 
@@ -212,7 +222,7 @@ def glow(
     >>> flow.bijection.latent_shape, flow.sample(jax.random.key(0), 3).shape
     ((16,), (3, 4, 4, 1))
     """
-    shape = _checked_shape("glow", event_shape, levels, depth, hidden)
+    shape = _checked_shape("glow", event_shape, levels, depth, hidden, squeeze_last)
     make = _couplings("glow", hidden, blocks, activation, conditioner, coupling, bins, bound)
 
     def step(s: Shape, i: int) -> Bijection:
@@ -220,7 +230,7 @@ def glow(
         return Chain([ActNorm(s), Invertible1x1Conv(s, rngs=rngs), make(mask, rngs)])
 
     prior = _split_prior(make, rngs) if split_prior else None
-    body = _multiscale(shape, levels, depth, step, prior)
+    body = _multiscale(shape, levels, depth, step, prior, squeeze_last)
     return _image_flow(shape, body, logit, alpha)
 
 
@@ -234,6 +244,7 @@ def realnvp_image(
     blocks: int = 2,
     actnorm: bool = True,
     split_prior: bool = False,
+    squeeze_last: bool = False,
     logit: bool = True,
     alpha: float = 0.05,
     activation: str = "relu",
@@ -251,14 +262,15 @@ def realnvp_image(
     :class:`~nflax.bijections.ActNorm` when ``actnorm=True`` (in place of the paper's batch
     norm). The couplings and their conditioners (by default the paper's: affine, on a
     :class:`~nflax.nets.ConvResNet` with ``blocks`` residual blocks of ``hidden`` channels,
-    last layer at zero), ``split_prior``, ``logit`` and ``alpha`` as in :func:`glow`.
+    last layer at zero), ``split_prior``, ``squeeze_last``, ``logit`` and ``alpha`` as in
+    :func:`glow`.
 
     >>> flow = realnvp_image((4, 4, 1), depth=1, hidden=8, actnorm=False, rngs=nnx.Rngs(0))
     >>> x = jnp.full((2, 4, 4, 1), 0.5)  # a fresh flow: logit, then the identity
     >>> [round(float(v), 3) for v in flow.log_prob(x)]  # 16·(log(0.9/0.25) − ½ log 2π)
     [5.792, 5.792]
     """
-    shape = _checked_shape("realnvp_image", event_shape, levels, depth, hidden)
+    shape = _checked_shape("realnvp_image", event_shape, levels, depth, hidden, squeeze_last)
     make = _couplings(
         "realnvp_image", hidden, blocks, activation, conditioner, coupling, bins, bound
     )
@@ -269,5 +281,5 @@ def realnvp_image(
         return layers[0] if len(layers) == 1 else Chain(layers)
 
     prior = _split_prior(make, rngs) if split_prior else None
-    body = _multiscale(shape, levels, depth, step, prior)
+    body = _multiscale(shape, levels, depth, step, prior, squeeze_last)
     return _image_flow(shape, body, logit, alpha)
