@@ -208,7 +208,9 @@ def nflax_row(name: str, kwargs: dict, data, args) -> Row:
     label = f"nflax {name}" + ("" if name in IMAGE_ROWS else " (64-vector)")
     params = sum(p.size for p in jax.tree.leaves(nnx.state(flow, nnx.Param)))
     steps, compile_s, seconds, rate = train_nflax(flow, train, val, name in FLAT_ROWS, args)
-    note = "fit_dequantized, best validation bound restored"
+    note = "fit_dequantized, best validation bound restored" + (
+        f", average {args.ema:g}" if args.ema else ""
+    )
     flow.eval()
     event = (D,) if name in FLAT_ROWS else SHAPE
 
@@ -439,7 +441,8 @@ def main(argv=None) -> None:
     print(
         f"digits: train {len(data[0])}, validation {len(data[1])}, test {len(data[2])}; "
         f"K = {K_LEVELS}, D = {D}; {args.steps} steps of batch {args.batch_size}, adam "
-        f"{args.lr:g}, validation every {args.eval_every}; IW S = {args.iw_samples}"
+        f"{args.lr:g} ({args.schedule}, ema {args.ema:g}), validation every {args.eval_every}; "
+        f"IW S = {args.iw_samples}"
     )
     print(
         f"cpu: {cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; "

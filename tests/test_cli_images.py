@@ -143,6 +143,7 @@ def test_image_defaults_per_flow_and_set_and_flags_override_them():
     assert cfg["flow_kwargs"]["conditioner"] == "resnet" and cfg["ema"] is None
     cfg = _config("--dataset", "digits", "--flow", "realnvp_image", "--no-actnorm", "--steps", "7")
     assert cfg["flow_kwargs"]["actnorm"] is False and cfg["flow_kwargs"]["depth"] == 2
+    assert cfg["flow_kwargs"]["coupling"] == "spline" and cfg["flow_kwargs"]["hidden"] == 64
     assert cfg["steps"] == 7
     cfg = _config("--dataset", "digits", "--flow", "nsf")  # flat: its own defaults
     assert cfg["flow_kwargs"]["dim"] == 64 and cfg["flow_kwargs"]["hidden"] == [64]
