@@ -26,9 +26,12 @@ Rows (``--rows`` picks some):
   environment (``--torch-python``, or ``benchmarks/.venv-normflows``, created on first use
   with the CPU build of torch 2.13.0 and normflows).
 
-Same budget for every trained row: ``--steps`` Adam steps (learning rate ``--lr``) of
+Same budget for every trained row: ``--steps`` Adam steps (peak learning rate ``--lr``) of
 ``--batch-size`` images, the validation bound (fixed noise) every ``--eval-every`` steps and
-the best parameters restored. nflax trains through ``nflax.fit_dequantized``. Every row is
+the best parameters restored. nflax trains through ``nflax.fit_dequantized``, with
+``nflax train``'s warm-up + cosine schedule (``--schedule``) and a moving average of the
+parameters (``--ema 0.999``: validated, restored and scored in place of the last iterate);
+normflows' worker keeps its example's constant rate and no average. Every row is
 scored by the one estimator below (:func:`dequantized_scores`), not the library's
 ``importance_weighted_nll``, because the Gaussian and normflows' Glow are not nflax flows.
 
@@ -151,15 +154,16 @@ def nflax_configs(args) -> dict[str, dict]:
     """Constructor keyword arguments of each nflax row (``--quick``: tiny)."""
     if args.quick:
         return {
-            "glow": dict(levels=2, depth=1, hidden=8),
-            "realnvp_image": dict(levels=2, depth=1, hidden=8, blocks=1),
+            "glow": dict(levels=2, depth=1, hidden=8, coupling=args.coupling),
+            "realnvp_image": dict(levels=2, depth=1, hidden=8, blocks=1, coupling=args.coupling),
             "maf": dict(num_layers=2, hidden=(16,)),
             "realnvp": dict(num_layers=2, hidden=(16,)),
             "nsf": dict(num_layers=2, hidden=(16,)),
         }
+    image = dict(hidden=args.hidden, coupling=args.coupling, squeeze_last=True)
     return {
-        "glow": dict(levels=2, depth=args.depth, hidden=args.hidden),
-        "realnvp_image": dict(levels=2, depth=args.depth // 2 or 1, hidden=args.hidden, blocks=2),
+        "glow": dict(levels=2, depth=args.depth, **image),
+        "realnvp_image": dict(levels=2, depth=args.depth // 2 or 1, conditioner="glow", **image),
         "maf": dict(num_layers=5, hidden=(256, 256)),
         "realnvp": dict(num_layers=8, hidden=(256, 256)),
         "nsf": dict(num_layers=5, hidden=(256, 256)),
@@ -177,6 +181,13 @@ def build_nflax(name: str, kwargs: dict, seed: int) -> nflax.Flow:
     return nflax.Flow(flat.base, nflax.bijections.Chain([logit, flat.bijection]))
 
 
+def optimizer(args) -> optax.GradientTransformation:
+    """Adam at ``--lr``, constant or on ``nflax train``'s warm-up + cosine schedule
+    (:func:`nflax.training.default_optimizer` without weight decay: a linear rise over
+    ``min(200, steps/10)`` steps, then a cosine decay to 0 at ``--steps``)."""
+    return nflax.training.default_optimizer(args.steps, args.lr, 0.0, args.schedule)
+
+
 def train_nflax(flow, train, val, flat: bool, args):
     """Train in place by uniformly dequantized likelihood (:func:`nflax.fit_dequantized`, the
     best validation bound restored); returns ``(steps_run, compile s, train s, steps/s)``."""
@@ -184,8 +195,8 @@ def train_nflax(flow, train, val, flat: bool, args):
     x, x_val = train.reshape(-1, *shape), val.reshape(-1, *shape)
     hist = nflax.fit_dequantized(
         flow, x, K_LEVELS, key=jax.random.key(args.seed), steps=args.steps, validation=x_val,
-        eval_every=args.eval_every, optimizer=optax.adam(args.lr), batch_size=args.batch_size,
-        progress=False,
+        eval_every=args.eval_every, optimizer=optimizer(args), batch_size=args.batch_size,
+        progress=False, ema=args.ema or None,
     )  # fmt: skip
     return hist.steps_run, hist.compile_seconds, hist.train_seconds, hist.steps_per_second
 
@@ -197,7 +208,9 @@ def nflax_row(name: str, kwargs: dict, data, args) -> Row:
     label = f"nflax {name}" + ("" if name in IMAGE_ROWS else " (64-vector)")
     params = sum(p.size for p in jax.tree.leaves(nnx.state(flow, nnx.Param)))
     steps, compile_s, seconds, rate = train_nflax(flow, train, val, name in FLAT_ROWS, args)
-    note = "fit_dequantized, best validation bound restored"
+    note = "fit_dequantized, best validation bound restored" + (
+        f", average {args.ema:g}" if args.ema else ""
+    )
     flow.eval()
     event = (D,) if name in FLAT_ROWS else SHAPE
 
@@ -374,6 +387,18 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="default 4000 (--quick: 20)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--schedule", choices=("warmup-cosine", "constant"), default="warmup-cosine",
+        help="nflax rows' learning rate: warm-up + cosine decay, or constant",
+    )  # fmt: skip
+    p.add_argument(
+        "--ema", type=float, default=0.999,
+        help="nflax rows: validate and keep the parameters' moving average (0: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--coupling", choices=("spline", "affine"), default="spline",
+        help="the image flows' coupling (their constructors' coupling=)",
+    )  # fmt: skip
     p.add_argument("--eval-every", type=int, default=None, help="default 100 (--quick: 10)")
     p.add_argument("--depth", type=int, default=8, help="Glow blocks per level")
     p.add_argument("--hidden", type=int, default=64, help="conv channels of the image flows")
@@ -416,7 +441,8 @@ def main(argv=None) -> None:
     print(
         f"digits: train {len(data[0])}, validation {len(data[1])}, test {len(data[2])}; "
         f"K = {K_LEVELS}, D = {D}; {args.steps} steps of batch {args.batch_size}, adam "
-        f"{args.lr:g}, validation every {args.eval_every}; IW S = {args.iw_samples}"
+        f"{args.lr:g} ({args.schedule}, ema {args.ema:g}), validation every {args.eval_every}; "
+        f"IW S = {args.iw_samples}"
     )
     print(
         f"cpu: {cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; "

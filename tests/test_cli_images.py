@@ -132,11 +132,18 @@ def _config(*argv):
 def test_image_defaults_per_flow_and_set_and_flags_override_them():
     cfg = _config("--dataset", "digits")
     assert cfg["flow"] == "glow"
-    assert cfg["flow_kwargs"] == {"event_shape": [8, 8, 1], "levels": 2, "depth": 4, "hidden": 32}
-    assert (cfg["steps"], cfg["batch_size"], cfg["lr"], cfg["weight_decay"]) == (1000, 128, 1e-3, 0)
+    assert cfg["flow_kwargs"] == {
+        "event_shape": [8, 8, 1], "levels": 2, "depth": 4, "hidden": 64,
+        "coupling": "spline", "squeeze_last": True,
+    }  # fmt: skip
+    assert (cfg["steps"], cfg["batch_size"], cfg["lr"], cfg["weight_decay"]) == (2000, 64, 1e-3, 0)
     assert (cfg["patience"], cfg["iw_samples"], cfg["dequantization"]) == (500, 128, "uniform")
+    assert cfg["ema"] == 0.999
+    cfg = _config("--dataset", "mnist_5k")  # the recipe and conditioner its figures were made with
+    assert cfg["flow_kwargs"]["conditioner"] == "resnet" and cfg["ema"] is None
     cfg = _config("--dataset", "digits", "--flow", "realnvp_image", "--no-actnorm", "--steps", "7")
     assert cfg["flow_kwargs"]["actnorm"] is False and cfg["flow_kwargs"]["depth"] == 2
+    assert cfg["flow_kwargs"]["coupling"] == "spline" and cfg["flow_kwargs"]["hidden"] == 64
     assert cfg["steps"] == 7
     cfg = _config("--dataset", "digits", "--flow", "nsf")  # flat: its own defaults
     assert cfg["flow_kwargs"]["dim"] == 64 and cfg["flow_kwargs"]["hidden"] == [64]

@@ -17,18 +17,20 @@ import nflax
 from nflax.bijections import (
     ActNorm,
     Affine,
+    AffineCoupling,
     Chain,
     Invert,
     Invertible1x1Conv,
     Logit,
     MultiScale,
+    SplineCoupling,
     Squeeze,
     Stack,
     channel_mask,
     checkerboard_mask,
 )
 from nflax.distributions import Flow, StandardNormal, compiled_log_prob, compiled_sample
-from nflax.nets import ConvResNet
+from nflax.nets import ConvResNet, GlowConvNet
 from nflax.variables import needs_data_init
 
 
@@ -243,3 +245,67 @@ def test_conv_resnet_keeps_the_image_size_and_starts_at_zero():
         ValueError, match=r"ConvResNet: expected input of shape \(\*batch, H, W, 3\)"
     ):
         net(jnp.zeros((2, 4, 4, 2)))
+
+
+def test_glow_conv_net_is_3x3_then_1x1_then_3x3_and_starts_at_zero():
+    net = GlowConvNet(3, 6, width=4, layers=2, rngs=nnx.Rngs(0))
+    assert [layer.kernel.shape for layer in net.hidden] == [(4, 4), (4, 4)]  # the 1×1 layers
+    assert net.conv_in.kernel.shape == (3, 3, 3, 4) and net.conv_out.kernel.shape == (3, 3, 4, 6)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4, 3))  # two batch axes
+    y = net(x)
+    assert y.shape == (2, 5, 3, 4, 6) and float(jnp.abs(y).max()) == 0.0
+    live = GlowConvNet(3, 6, width=4, layers=0, zero_init_output=False, rngs=nnx.Rngs(0))
+    assert float(jnp.abs(live(x)).max()) > 0.0 and len(live.hidden) == 0
+    # only the 3×3 layers see neighbours: one changed pixel reaches a 5×5 window, no further
+    x0 = jnp.zeros((1, 7, 7, 3))
+    changed = jnp.abs(live(x0.at[0, 3, 3].set(1.0)) - live(x0))[0].max(-1) > 0
+    np.testing.assert_array_equal(np.argwhere(np.asarray(changed)).min(0), [1, 1])
+    np.testing.assert_array_equal(np.argwhere(np.asarray(changed)).max(0), [5, 5])
+    with pytest.raises(
+        ValueError, match=r"GlowConvNet: expected input of shape \(\*batch, H, W, 3\)"
+    ):
+        net(jnp.zeros((2, 4, 4, 2)))
+    with pytest.raises(ValueError, match="GlowConvNet: expected positive channels"):
+        GlowConvNet(3, 6, width=0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("constructor", ["glow", "realnvp_image"])
+def test_image_flows_take_a_coupling_and_a_conditioner(constructor):
+    make = getattr(nflax.flows, constructor)
+    kw = dict(levels=2, depth=1, hidden=4, blocks=1, rngs=nnx.Rngs(0))
+    for coupling, conditioner in [("spline", "glow"), ("affine", "resnet"), ("spline", "resnet")]:
+        flow = make((4, 4, 1), coupling=coupling, conditioner=conditioner, bins=5, **kw)
+        layers = [m for _, m in nnx.iter_graph(flow)]
+        couplings = [m for m in layers if isinstance(m, nflax.bijections.Coupling)]
+        want = SplineCoupling if coupling == "spline" else AffineCoupling
+        assert couplings and all(type(c) is want for c in couplings)
+        net = GlowConvNet if conditioner == "glow" else ConvResNet
+        assert all(type(c.conditioner) is net for c in couplings)
+        if coupling == "spline":  # 3·bins − 1 numbers per channel
+            assert all(c.transformer.bins == 5 for c in couplings)
+        x = jax.random.uniform(jax.random.key(1), (3, 4, 4, 1))
+        z, ld = flow.bijection.forward(x)
+        back, ld_inv = flow.bijection.inverse(z)
+        np.testing.assert_allclose(back, x, atol=1e-5)
+        np.testing.assert_allclose(ld_inv, -ld, atol=1e-4)
+    with pytest.raises(ValueError, match=f"{constructor}: coupling must be one of"):
+        make((4, 4, 1), coupling="additive", **kw)
+    with pytest.raises(ValueError, match=f"{constructor}: conditioner must be one of"):
+        make((4, 4, 1), conditioner="mlp", **kw)
+    with pytest.raises(ValueError, match=f"{constructor}: bins must be ≥ 2"):
+        make((4, 4, 1), coupling="spline", bins=1, **kw)
+
+
+def test_squeeze_last_squeezes_the_last_level_too_and_checks_the_size():
+    flow = _glow((4, 4, 1), squeeze_last=True)
+    multiscale = flow.bijection.layers[1]
+    assert [b.latent_shape for b in multiscale.levels] == [(2, 2, 4), (1, 1, 8)]
+    assert isinstance(multiscale.levels[1].layers[0], Squeeze)
+    x = jax.random.uniform(jax.random.key(0), (3, 4, 4, 1))
+    z, ld = flow.bijection.forward(x)
+    back, ld_inv = flow.bijection.inverse(z)
+    assert z.shape == (3, 16)
+    np.testing.assert_allclose(back, x, atol=1e-5)
+    np.testing.assert_allclose(ld_inv, -ld, atol=1e-4)
+    with pytest.raises(ValueError, match=r"levels=2 \(squeeze_last=True\) squeezes 2 times.*by 4"):
+        nflax.flows.realnvp_image((2, 2, 1), levels=2, squeeze_last=True, rngs=nnx.Rngs(0))

@@ -139,6 +139,7 @@ def _fit(flow, noise, train, val, config: dict, out: Path, key, *, resume: bool,
             checkpoint_dir=out / "checkpoints",
             checkpoint_every=config["checkpoint_every"],
             resume=resume,
+            ema=config.get("ema"),  # absent from the configs of older runs: none
         )
     except (ValueError, checkpoint.CheckpointError) as e:
         raise RunError(str(e)) from None
