@@ -50,7 +50,10 @@ def test_glow_on_digits_writes_every_file_and_reconstructs_exactly(glow_run):
         assert (glow_run / name).is_file(), name
     cfg, m = _json(glow_run, "config.json"), _json(glow_run, "metrics.json")
     assert cfg["images"] and cfg["flow"] == "glow" and cfg["dataset"] == "digits"
-    assert cfg["flow_kwargs"] == {"event_shape": [8, 8, 1], "levels": 2, "depth": 1, "hidden": 8}
+    assert cfg["flow_kwargs"] == {
+        "event_shape": [8, 8, 1], "levels": 2, "depth": 1, "hidden": 8,
+        "coupling": "spline", "squeeze_last": True,  # digits' image-flow options
+    }  # fmt: skip
     assert cfg["dequantization"] == "uniform" and cfg["dequantizer"] is None
     assert cfg["weight_decay"] == 0.0 and cfg["lr"] == 1e-3  # the image defaults
     _check_metrics(m)

@@ -208,8 +208,9 @@ def test_fit_trains_a_tiny_glow_on_images_and_lowers_the_nll():
 
 
 def test_glow_checkpoint_round_trip_with_actnorm_state(tmp_path):
-    kw = dict(levels=2, depth=2, hidden=4, blocks=2, split_prior=False, logit=True,
-              alpha=0.02, activation="silu")  # fmt: skip
+    kw = dict(levels=2, depth=2, hidden=4, blocks=2, split_prior=False, squeeze_last=False,
+              logit=True, alpha=0.02, activation="silu", conditioner="resnet",
+              coupling="spline", bins=5, bound=2.5)  # fmt: skip
     flow = _initialised(_glow((2, 2, 2), **kw))
     assert not needs_data_init(flow)
     nflax.save(tmp_path / "ck", flow)
@@ -225,7 +226,8 @@ def test_glow_checkpoint_round_trip_with_actnorm_state(tmp_path):
 
 def test_realnvp_image_spec_round_trips_through_build():
     kw = dict(levels=1, depth=3, hidden=4, blocks=1, actnorm=False, split_prior=True,
-              logit=False, alpha=0.1, activation="elu")  # fmt: skip
+              squeeze_last=True, logit=False, alpha=0.1, activation="elu", conditioner="glow",
+              coupling="affine", bins=6, bound=4.0)  # fmt: skip
     flow = nflax.flows.realnvp_image((2, 2, 2), rngs=nnx.Rngs(0), **kw)
     spec = json.loads(flow.spec)
     assert spec == {"constructor": "realnvp_image", "kwargs": {"event_shape": [2, 2, 2], **kw}}
