@@ -100,6 +100,17 @@ def test_actnorm_under_nnx_jit_and_in_a_stack():
     assert np.all(np.asarray(stack.layer.initialized[...]))
     np.testing.assert_allclose(stack.forward(x)[0], z, atol=1e-5)
     np.testing.assert_allclose(stack.inverse(z)[0], x, atol=1e-4)
+    # under nnx.jit the stacked layers' init is written back too (the flag is traced there),
+    # so a later inverse, eager or not, undoes it
+    traced = Stack([ActNorm(3) for _ in range(2)])
+    z_traced, _ = nnx.jit(lambda m, x: m.forward(x))(traced, x)
+    assert np.all(np.asarray(traced.layer.initialized[...]))
+    np.testing.assert_allclose(z_traced, z, atol=1e-5)
+    np.testing.assert_allclose(traced.inverse(z_traced)[0], x, atol=1e-4)
+    # held outside a plain jax.jit, a fresh Stack says what to do (not a Flax trace error)
+    fresh = Stack([ActNorm(3) for _ in range(2)])
+    with pytest.raises(ValueError, match=r"Stack: .*eagerly"):
+        jax.jit(lambda v: fresh.forward(v))(x)
 
 
 def test_actnorm_state_travels_with_the_model():

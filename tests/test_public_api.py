@@ -203,6 +203,7 @@ PUBLIC = {
     "nflax.variables.DataInit": ["test_variables.py::test_frozen_selects_buffers_and_data_init_only", "test_variables.py::test_data_init_flag"],
     "nflax.variables.in_training_mode": ["test_variables.py::test_training_mode_flag"],
     "nflax.variables.needs_data_init": ["test_variables.py::test_data_init_flag"],
+    "nflax.variables.may_write_data_init": ["test_variables.py::test_data_init_flag"],
     # nflax.training
     "nflax.training.History": ["test_plotting.py::test_plot_history_lines"],
     "nflax.training.batch_indices": ["test_training.py::test_minibatch_epochs_visit_every_point_once"],

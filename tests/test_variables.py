@@ -9,7 +9,14 @@ from flax import nnx
 import nflax
 from nflax.bijections import ActNorm, AffineCoupling, BatchNorm, Chain, half_mask
 from nflax.nets import MLP
-from nflax.variables import FROZEN, Buffer, DataInit, in_training_mode, needs_data_init
+from nflax.variables import (
+    FROZEN,
+    Buffer,
+    DataInit,
+    in_training_mode,
+    may_write_data_init,
+    needs_data_init,
+)
 
 SRC = Path(nflax.__file__).resolve().parent
 
@@ -65,3 +72,7 @@ def test_data_init_flag():
     assert needs_data_init(BatchNorm(2)) is False
     flags = {p[-1]: v for p, v in nnx.to_flat_state(nnx.state(layer, DataInit))}
     assert bool(flags["initialized"][...])  # the flag itself is a DataInit variable
+    # may_write_data_init: awaiting init, or not knowable because the flag is traced
+    assert may_write_data_init(Chain([ActNorm(2)])) and not may_write_data_init(layer)
+    assert bool(nnx.jit(may_write_data_init)(layer))
+    assert not bool(nnx.jit(may_write_data_init)(BatchNorm(2)))  # no DataInit state at all

@@ -23,6 +23,7 @@ Two flags, both read from the modules themselves:
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 
@@ -78,3 +79,21 @@ def needs_data_init(module: nnx.Module) -> bool:
     (True, False)
     """
     return any(getattr(m, "needs_data_init", False) for _, m in nnx.iter_graph(module))
+
+
+def may_write_data_init(module: nnx.Module) -> bool:
+    """True when a forward call of ``module`` may write its data-dependent initialisation:
+    :func:`needs_data_init`, or its :class:`DataInit` state is traced (under ``nnx.jit`` or
+    ``nnx.split``/``nnx.merge`` inside ``jax.jit``, where the flag is known only when the
+    program runs).
+
+    >>> import jax.numpy as jnp
+    >>> from nflax.bijections import ActNorm
+    >>> layer = ActNorm(2)
+    >>> _ = layer.forward(jnp.ones((3, 2)))
+    >>> may_write_data_init(layer), bool(nnx.jit(may_write_data_init)(layer))
+    (False, True)
+    """
+    flags = jax.tree.leaves(nnx.state(module, DataInit))
+    traced = any(isinstance(v, jax.core.Tracer) for v in flags)
+    return traced or needs_data_init(module)

@@ -13,9 +13,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import errors, nnx
 
-from nflax.variables import Buffer, in_training_mode, needs_data_init
+from nflax.variables import Buffer, in_training_mode, may_write_data_init
 
 Array = jax.Array
 
@@ -307,13 +307,26 @@ class Stack(Bijection):
             graphdef, state, h, context, inverse=inverse, unroll=self.unroll, want_traj=want_traj
         )
         if jax.tree.leaves(new_state) and self._may_change_state():
-            nnx.update(self.layer, new_state)  # running statistics, data-dependent init
+            self._write_back(new_state)
         return y, (ld, traj)
 
+    def _write_back(self, new_state) -> None:
+        """The layers' new running statistics or data-dependent init, into ``self.layer``."""
+        try:
+            nnx.update(self.layer, new_state)
+        except errors.TraceContextError:
+            raise ValueError(
+                "Stack: its layers' new state (data-dependent initialisation or running "
+                "statistics) cannot be written to a Stack held outside the current JAX "
+                "transform. Call forward once eagerly on a batch, or pass the state through "
+                "the transform (nnx.split/nnx.merge, nnx.jit)"
+            ) from None
+
     def _may_change_state(self) -> bool:
-        """Only layers in training mode or awaiting data-dependent init write state back (so a
-        Stack in evaluation mode can be called under jax.jit/jacobian from outside)."""
-        return in_training_mode(self.layer) or needs_data_init(self.layer)
+        """Only layers in training mode or that may write their data-dependent init (awaiting
+        it, or traced under an NNX transform) write state back, so that an initialised Stack
+        in evaluation mode can be called under jax.jit/jacobian from outside."""
+        return in_training_mode(self.layer) or may_write_data_init(self.layer)
 
     def _forward(self, x, context):
         y, (ld, _) = self._scan(x, context, inverse=False)
