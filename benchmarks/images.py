@@ -476,6 +476,7 @@ def main(argv=None) -> None:
         )
         if args.grid_dir and r.samples is not None:
             path = Path(args.grid_dir) / f"images_{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_grid(r.samples, path, f"{r.name}: test {_fmt(r.iw_bpd, '.3f')} bits/dim, T=1")
     print(f"load at the end {os.getloadavg()[0]:.2f}")
     print_table(rows, args, args.markdown)
