@@ -14,8 +14,11 @@ from nflax.nets import MLP
 
 
 def _cflow(seed=0, context_dim=1, base=False, embedding=None):
+    # two coupling layers (both coordinates transformed): less to compile than three, and
+    # test_minibatches_keep_rows_and_context_together's NLL still reaches −4.4 to −5.6 over
+    # seeds 0-2 (native and SSE4.2 kernels), against the −2.0 asserted
     flow = nflax.flows.realnvp(
-        2, num_layers=3, hidden=(16,), context_dim=context_dim, rngs=nnx.Rngs(seed)
+        2, num_layers=2, hidden=(16,), context_dim=context_dim, rngs=nnx.Rngs(seed)
     )
     if base or embedding is not None:
         b = ConditionalDiagNormal(2, context_dim, rngs=nnx.Rngs(seed + 1)) if base else flow.base
@@ -52,7 +55,7 @@ def test_sampling_shapes_and_log_prob_agree():
     np.testing.assert_allclose(lp, again, atol=1e-4)
     assert flow.sample(jax.random.key(0), 4, ctx[0]).shape == (4, 2)
     traj = flow.sample_trajectory(jax.random.key(0), 4, ctx[0])
-    assert len(traj) == 4 and traj[-1].shape == (4, 2)
+    assert len(traj) == 3 and traj[-1].shape == (4, 2)  # the start and one per layer
 
 
 def test_context_errors():

@@ -85,10 +85,16 @@ def random_noise_flow():
     q = nflax.flows.realnvp(2, num_layers=2, hidden=(8,), context_dim=2, rngs=nnx.Rngs(0))
     params = nnx.state(q, nnx.Param)
     leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    moved = [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys, strict=True)]
-    nnx.update(q, jax.tree.unflatten(tree, moved))
+    nnx.update(q, jax.tree.unflatten(tree, _moved(leaves, jax.random.key(3))))
     return q
+
+
+@jax.jit
+def _moved(leaves, key):
+    """Each parameter plus 0.3 standard normal noise: one compiled program (eagerly, a normal
+    draw is compiled for every distinct parameter shape)."""
+    keys = jax.random.split(key, len(leaves))
+    return [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys, strict=True)]
 
 
 def iw_gaps(flow, q, samples):
@@ -166,7 +172,7 @@ def test_images_and_their_flattened_rows_give_the_same_bound(digits_flat):
 # ---- training on digits ---------------------------------------------------------------------
 def fit_digits(digits_flat, seed, steps=300, **options):
     train, val, test = digits_flat
-    flow = nflax.flows.realnvp(64, num_layers=4, hidden=(64,), actnorm=True, rngs=nnx.Rngs(seed))
+    flow = nflax.flows.realnvp(64, num_layers=2, hidden=(64,), actnorm=True, rngs=nnx.Rngs(seed))
     hist = fit_dequantized(flow, train, 17, key=jax.random.key(seed), steps=steps,
                            validation=val, batch_size=128, optimizer=optax.adam(3e-3),
                            progress=False, **options)  # fmt: skip
@@ -175,12 +181,13 @@ def fit_digits(digits_flat, seed, steps=300, **options):
 
 
 def test_uniform_dequantized_fit_on_digits_beats_the_uniform_levels(digits_flat):
-    """300 steps of a 4-layer realnvp on the flattened digits. Measured test bits/dim over
-    seeds 0, 1, 2: 2.509, 2.508, 2.512; asserted: below 3.0 (a margin of 0.49, against a
-    spread of 0.004), and far below log2 17 = 4.087."""
-    _, hist, bpd = fit_digits(digits_flat, seed=0)
+    """150 steps of a 2-layer realnvp on the flattened digits. Measured test bits/dim over
+    seeds 0, 1, 2: 2.758, 2.748, 2.747 (native and SSE4.2 kernels alike); asserted: below 3.0
+    (a margin of 0.24, against a spread of 0.01), and far below log2 17 = 4.087. (4 layers:
+    2.575, 2.564, 2.585 after 150 steps, 2.509, 2.508, 2.512 after 300.)"""
+    _, hist, bpd = fit_digits(digits_flat, seed=0, steps=150)
     assert bpd < 3.0
-    assert hist.steps_run == 300 and hist.restored_best and np.all(np.isfinite(hist.loss))
+    assert hist.steps_run == 150 and hist.restored_best and np.all(np.isfinite(hist.loss))
     assert bits_per_dim(hist.best_loss, 64, num_levels=None) < 3.0  # nats per image in History
 
 

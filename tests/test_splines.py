@@ -1,5 +1,7 @@
 """Rational-quadratic splines: tails, bin edges, monotonicity, gradients, spline layers."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,12 @@ from nflax.bijections.transformers import SplineTransformer, split_params
 from nflax.nets import MLP
 
 K, B = 8, 3.0
+
+# compiled once per input shape and reused by every test (eagerly, each of the spline's ops is
+# compiled on its own for every new shape)
+forward = jax.jit(rq_spline_forward)
+inverse = jax.jit(rq_spline_inverse)
+log_derivative = jax.jit(rq_spline_log_derivative)
 
 
 def _params(key, scale=1.0, batch=()):
@@ -60,11 +68,11 @@ def test_identity_tails_outside_the_interval():
 def test_monotone_onto_and_continuous():
     params = _params(jax.random.key(2), scale=1.5)
     x = jnp.linspace(-4.0, 4.0, 200_001)
-    y, ld = rq_spline_forward(x, *params)
+    y, ld = forward(x, *params)
     assert np.all(np.diff(np.asarray(y)) >= 0)
     assert np.all(np.isfinite(ld))
     # [-B, B] onto [-B, B]: the boundary knots are fixed points
-    yb, ldb = rq_spline_forward(jnp.array([-B, B]), *params)
+    yb, ldb = forward(jnp.array([-B, B]), *params)
     np.testing.assert_allclose(yb, [-B, B], atol=1e-6)
     # derivative 1 at the boundary, up to float32: the last bin's size comes from the softmax
     # (for narrow bins' relative precision), not from the pinned knots, so ξ(B) = 1 only to a
@@ -74,13 +82,14 @@ def test_monotone_onto_and_continuous():
     # below it (which lies in the bin to the left)
     kx, ky = _edges(params)
     below = jnp.asarray(np.nextafter(np.asarray(kx), np.float32(-np.inf)))
-    y_at, ld_at = rq_spline_forward(kx, *params)
-    y_below, ld_below = rq_spline_forward(below, *params)
+    y_at, ld_at = forward(kx, *params)
+    y_below, ld_below = forward(below, *params)
     np.testing.assert_allclose(y_at, ky, atol=1e-5)
     np.testing.assert_allclose(y_below, y_at, atol=1e-5)
     np.testing.assert_allclose(ld_below, ld_at, atol=1e-3)
 
 
+@functools.cache
 def _derivative(fn):
     """``dy/dx`` of the spline map ``fn`` at each input by autodiff, compiled (eagerly, every
     op of the vectorised backward pass would be dispatched and compiled on its own); the
@@ -100,11 +109,11 @@ def _derivative(fn):
 def test_log_derivative_matches_autodiff():
     params = _params(jax.random.key(3), batch=(400,))
     x = jnp.linspace(-3.5, 3.5, 400)
-    ld = rq_spline_log_derivative(x, *params)
+    ld = log_derivative(x, *params)
     dy = _derivative(rq_spline_forward)(x, *params)
     np.testing.assert_allclose(ld, np.log(dy), atol=2e-4)
-    y, _ = rq_spline_forward(x, *params)
-    _, ld_inv = rq_spline_inverse(y, *params)
+    y, _ = forward(x, *params)
+    _, ld_inv = inverse(y, *params)
     dx = _derivative(rq_spline_inverse)(y, *params)
     np.testing.assert_allclose(ld_inv, np.log(dx), atol=2e-3)
     np.testing.assert_allclose(ld_inv, -ld, atol=2e-3)
@@ -118,10 +127,10 @@ def test_autodiff_derivative_at_knots_and_boundary():
     below = jnp.asarray(np.nextafter(np.asarray(kx), np.float32(-np.inf)))
     above = jnp.asarray(np.nextafter(np.asarray(kx), np.float32(np.inf)))
     x = jnp.concatenate([kx, below[1:], above[:-1]])
-    ld = rq_spline_log_derivative(x, *params)
+    ld = log_derivative(x, *params)
     dy = _derivative(rq_spline_forward)(x, *params)
     np.testing.assert_allclose(np.log(dy), ld, atol=1e-4)
-    ld_inv = rq_spline_inverse(ky, *params)[1]
+    ld_inv = inverse(ky, *params)[1]
     dx = _derivative(rq_spline_inverse)(ky, *params)
     np.testing.assert_allclose(np.log(dx), ld_inv, atol=1e-3)
 
@@ -132,8 +141,8 @@ def test_round_trip_within_float32_conditioning():
     x = jnp.linspace(-B, B, 4000)
     for scale in (0.5, 1.0, 2.0, 4.0):
         params = _params(jax.random.key(4), scale=scale, batch=(4000,))
-        y, ld = rq_spline_forward(x, *params)
-        x2, ld2 = rq_spline_inverse(y, *params)
+        y, ld = forward(x, *params)
+        x2, ld2 = inverse(y, *params)
         y, ld, x2, ld2 = map(np.asarray, (y, ld, x2, ld2))
         limit = 16 * np.spacing(np.float32(B)) * (np.exp(-ld) + 1.0)
         assert np.all(np.abs(x2 - np.asarray(x)) <= limit)
@@ -141,15 +150,22 @@ def test_round_trip_within_float32_conditioning():
         np.testing.assert_allclose(ld2[well], -ld[well], atol=1e-3)
     # moderate parameters, as after a little training: round trip to 1e-5
     params = _params(jax.random.key(5), scale=0.5, batch=(4000,))
-    x2, _ = rq_spline_inverse(rq_spline_forward(x, *params)[0], *params)
+    x2, _ = inverse(forward(x, *params)[0], *params)
     np.testing.assert_allclose(x2, x, atol=1e-5)
+
+
+@functools.cache
+def _grad_program(fn):
+    loss = lambda v, p: jnp.sum(fn(v, *p)[0] + fn(v, *p)[1])  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
 def _grads(fn, v, params):
     """Gradients of the sum of outputs and log-derivatives, as a training step takes them:
-    compiled (eagerly, every op of the backward pass would be dispatched and compiled alone)."""
-    loss = lambda v, p: jnp.sum(fn(v, *p)[0] + fn(v, *p)[1])  # noqa: E731
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(v, params)
+    compiled (eagerly, every op of the backward pass would be dispatched and compiled alone),
+    one program per map for the 65 inputs every test here passes."""
+    assert v.shape == (65,)
+    return _grad_program(fn)(v, params)
 
 
 @pytest.mark.parametrize("fn", [rq_spline_forward, rq_spline_inverse], ids=["fwd", "inv"])
@@ -157,13 +173,16 @@ def test_gradients_finite_at_edges_and_outside(fn):
     params = _params(jax.random.key(5))
     kx, ky = _edges(params)
     edges = kx if fn is rq_spline_forward else ky
+    # the knots, far outside, just outside, the middle; then points inside, up to 65 inputs
     v = jnp.concatenate([edges, jnp.array([-1e6, -3.5, 3.5, 1e6, 0.0])])
+    v = jnp.concatenate([v, jnp.linspace(-2.9, 2.9, 65 - len(v))])
     gv, gp = _grads(fn, v, params)
     assert np.all(np.isfinite(gv))
     for g in gp:
         assert np.all(np.isfinite(g))
     # outside the interval the parameters get no gradient and the input gradient is 1
-    outside = jnp.array([-1e6, -3.5, 3.5, 1e6])
+    far = np.geomspace(3.01, 1e5, 30, dtype=np.float32)
+    outside = jnp.asarray(np.concatenate([[-1e6, -3.5, 3.5, 1e6, 4.0], far, -far]), jnp.float32)
     gv, gp = _grads(fn, outside, params)
     np.testing.assert_allclose(gv, 1.0)
     for g in gp:

@@ -47,8 +47,12 @@ def _params(flow):
 
 # -- fits --------------------------------------------------------------------------------------
 def test_correlated_gaussian_mean_and_covariance_are_recovered():
+    # Two coupling layers (less to compile than four). Measured over seeds 0-2 (initialisation
+    # and key), native and SSE4.2 kernels alike: mean error / std at most 0.0056, covariance
+    # relative error at most 0.013, ELBO − log Z from −0.0033 to −0.0026, ESS at least 0.990,
+    # log Z error at most 0.0006
     target = get_target("correlated_gaussian", dim=2)
-    flow = _flow()
+    flow = _flow(layers=2)
     hist = fit_vi(
         flow,
         target.log_density,

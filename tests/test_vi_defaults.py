@@ -2,10 +2,11 @@
 
 The bar is issue 11's: sample mean within 2 % of the largest standard deviation, every
 covariance entry within 3 % of the largest entry. Measured over seeds 0-2 (benchmarks/README.md,
-"fit_vi defaults"): at most 0.29 % and 0.74 % after 3000 steps. The test runs 1500: over seeds
-0-2 (initialisation and key), both targets, native and SSE4.2 kernels alike, at most 0.75 % and
+"fit_vi defaults"): at most 0.29 % and 0.74 % after 3000 steps. After 1500: over seeds 0-2
+(initialisation and key), both targets, native and SSE4.2 kernels alike, at most 0.75 % and
 0.66 % (the mean's error is mostly the Monte Carlo error of 65536 samples, ~0.4 % of a standard
-deviation), so one seed per dimension is tested here.
+deviation). The test runs 1000: on the 4-d target over seeds 0-2, at most 1.04 % and 0.68 %
+natively and with SSE4.2 kernels alike, so one seed per dimension is tested here.
 """
 
 import jax
@@ -59,8 +60,9 @@ def moment_errors(flow, mean: np.ndarray, cov: np.ndarray, n: int = 1 << 16):
 def test_defaults_recover_a_correlated_gaussian(dim, make):
     log_density, mean, cov = make(dim, 0)
     flow = nflax.flows.realnvp(dim, rngs=nnx.Rngs(0))
+    steps = 1000 if dim == 4 else 1500  # the slow 8-d case keeps the 1500 steps measured
     hist = nflax.fit_vi(
-        flow, log_density, key=jax.random.key(0), steps=1500, num_samples=256, progress=False
+        flow, log_density, key=jax.random.key(0), steps=steps, num_samples=256, progress=False
     )
     assert hist.stop_reason == "steps" and hist.stick_the_landing
     mean_err, cov_err = moment_errors(flow, mean, cov)
