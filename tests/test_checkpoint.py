@@ -287,8 +287,11 @@ def _cli(*args):
     return [sys.executable, "-m", "nflax.cli", *args]
 
 
+# 360 points (324 to train on, 36 to validate): the shapes of the 400-row data file's run in
+# test_data_file_run_samples_in_original_units (a tenth held out to test), which then reuses
+# this run's training program
 KILL_FLAGS = [
-    "--layers", "2", "--hidden", "16", "--num-points", "256", "--steps", "400",
+    "--layers", "2", "--hidden", "16", "--num-points", "360", "--steps", "400",
     "--checkpoint-every", "100", "--no-plots", "--quiet",
 ]  # fmt: skip
 TIMING = {"steps_per_second", "compile_seconds", "train_seconds"}
@@ -446,6 +449,8 @@ def test_data_file_run_samples_in_original_units(tmp_path, capsys):
                 "2",
                 "--hidden",
                 "16",
+                "--checkpoint-every",  # KILL_FLAGS' chunk of steps: their training program
+                "100",
                 "--quiet",
                 "--no-plots",
             ]
