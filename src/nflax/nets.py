@@ -233,6 +233,39 @@ class MADE(nnx.Module):
         return out.reshape(*out.shape[:-1], self.in_features, self.num_params)
 
 
+def _check_conv_sizes(who: str, in_channels, out_channels, width, count_name: str, count):
+    if min(int(in_channels), int(out_channels), int(width)) < 1 or int(count) < 0:
+        raise ValueError(
+            f"{who}: expected positive channels and width and {count_name} ≥ 0, received "
+            f"in_channels={in_channels}, out_channels={out_channels}, width={width}, "
+            f"{count_name}={count}"
+        )
+
+
+def _conv3x3(a: int, b: int, rngs: nnx.Rngs, **kw) -> nnx.Conv:
+    """A 3×3 ``SAME`` convolution; ``patch_conv``: as fast inside the training engine's loop
+    as outside (on CPU)."""
+    return nnx.Conv(
+        a, b, kernel_size=(3, 3), padding="SAME", conv_general_dilated=patch_conv,
+        rngs=rngs, **kw,
+    )  # fmt: skip
+
+
+def _conv_out(width: int, out_channels: int, zero_init: bool, rngs: nnx.Rngs) -> nnx.Conv:
+    """The output convolution, at zero when ``zero_init`` (the coupling starts as identity)."""
+    init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
+    return _conv3x3(width, int(out_channels), rngs, kernel_init=init)
+
+
+def _images(who: str, x: jax.Array, in_channels: int) -> tuple[tuple[int, ...], jax.Array]:
+    """``x``'s batch shape and ``x`` as one batch of ``(H, W, in_channels)`` images."""
+    if x.ndim < 3 or x.shape[-1] != in_channels:
+        raise ValueError(
+            f"{who}: expected input of shape (*batch, H, W, {in_channels}), received {x.shape}"
+        )
+    return x.shape[:-3], x.reshape(-1, *x.shape[-3:])
+
+
 class ConvResNet(nnx.Module):
     r"""A small convolutional ResNet, the conditioner of image coupling layers.
 
@@ -263,39 +296,22 @@ class ConvResNet(nnx.Module):
         zero_init_output: bool = True,
         rngs: nnx.Rngs,
     ):
-        if min(int(in_channels), int(out_channels), int(width)) < 1 or int(blocks) < 0:
-            raise ValueError(
-                f"ConvResNet: expected positive channels and width and blocks ≥ 0, received "
-                f"in_channels={in_channels}, out_channels={out_channels}, width={width}, "
-                f"blocks={blocks}"
-            )
-
-        def conv(a: int, b: int, **kw) -> nnx.Conv:
-            # patch_conv: as fast inside the training engine's loop as outside (on CPU)
-            return nnx.Conv(
-                a, b, kernel_size=(3, 3), padding="SAME", conv_general_dilated=patch_conv,
-                rngs=rngs, **kw,
-            )  # fmt: skip
-
+        _check_conv_sizes("ConvResNet", in_channels, out_channels, width, "blocks", blocks)
         width = int(width)
-        self.conv_in = conv(int(in_channels), width)
+        self.conv_in = _conv3x3(int(in_channels), width, rngs)
         self.blocks = nnx.List(
-            [nnx.List([conv(width, width), conv(width, width)]) for _ in range(int(blocks))]
+            [
+                nnx.List([_conv3x3(width, width, rngs), _conv3x3(width, width, rngs)])
+                for _ in range(int(blocks))
+            ]
         )
-        zero = nnx.initializers.zeros_init()
-        kernel_init = zero if zero_init_output else nnx.initializers.lecun_normal()
-        self.conv_out = conv(width, int(out_channels), kernel_init=kernel_init)
+        self.conv_out = _conv_out(width, out_channels, zero_init_output, rngs)
         self.activation = get_activation(activation, "ConvResNet")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if x.ndim < 3 or x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"ConvResNet: expected input of shape (*batch, H, W, {self.in_channels}), "
-                f"received {x.shape}"
-            )
-        batch = x.shape[:-3]
-        h = self.conv_in(x.reshape(-1, *x.shape[-3:]))
+        batch, images = _images("ConvResNet", x, self.in_channels)
+        h = self.conv_in(images)
         for conv_a, conv_b in self.blocks:
             h = h + conv_b(self.activation(conv_a(self.activation(h))))
         y = self.conv_out(self.activation(h))
@@ -335,37 +351,18 @@ class GlowConvNet(nnx.Module):
         zero_init_output: bool = True,
         rngs: nnx.Rngs,
     ):
-        if min(int(in_channels), int(out_channels), int(width)) < 1 or int(layers) < 0:
-            raise ValueError(
-                f"GlowConvNet: expected positive channels and width and layers ≥ 0, received "
-                f"in_channels={in_channels}, out_channels={out_channels}, width={width}, "
-                f"layers={layers}"
-            )
-
-        def conv(a: int, b: int, **kw) -> nnx.Conv:
-            return nnx.Conv(
-                a, b, kernel_size=(3, 3), padding="SAME", conv_general_dilated=patch_conv,
-                rngs=rngs, **kw,
-            )  # fmt: skip
-
+        _check_conv_sizes("GlowConvNet", in_channels, out_channels, width, "layers", layers)
         width = int(width)
-        self.conv_in = conv(int(in_channels), width)
+        self.conv_in = _conv3x3(int(in_channels), width, rngs)
         # a 1×1 convolution is a dense layer on the channel axis (no convolution to slow down)
         self.hidden = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(int(layers))])
-        zero = nnx.initializers.zeros_init()
-        kernel_init = zero if zero_init_output else nnx.initializers.lecun_normal()
-        self.conv_out = conv(width, int(out_channels), kernel_init=kernel_init)
+        self.conv_out = _conv_out(width, out_channels, zero_init_output, rngs)
         self.activation = get_activation(activation, "GlowConvNet")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if x.ndim < 3 or x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"GlowConvNet: expected input of shape (*batch, H, W, {self.in_channels}), "
-                f"received {x.shape}"
-            )
-        batch = x.shape[:-3]
-        h = self.activation(self.conv_in(x.reshape(-1, *x.shape[-3:])))
+        batch, images = _images("GlowConvNet", x, self.in_channels)
+        h = self.activation(self.conv_in(images))
         for layer in self.hidden:
             h = self.activation(layer(h))
         y = self.conv_out(h)
