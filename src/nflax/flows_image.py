@@ -81,7 +81,8 @@ def _step_masks(shape: Shape, i: int, channels_first: bool = False) -> list[np.n
     return masks
 
 
-CONDITIONERS = ("glow", "resnet")
+# name → (conv net, the name of its depth argument): the choices of ``conditioner=``
+CONDITIONERS = {"glow": (GlowConvNet, "layers"), "resnet": (ConvResNet, "blocks")}
 COUPLINGS = ("affine", "spline")
 
 
@@ -105,13 +106,14 @@ class _Couplings:
 
     def __call__(self, mask: np.ndarray, rngs: nnx.Rngs) -> Bijection:
         c = mask.shape[-1]
-        per_channel = 2 if self.coupling == "affine" else 3 * self.bins - 1
-        net_class = GlowConvNet if self.conditioner == "glow" else ConvResNet
-        depth = {"layers" if self.conditioner == "glow" else "blocks": self.blocks}
+        spline = self.coupling == "spline"
+        per_channel = 3 * self.bins - 1 if spline else 2  # the transformer's numbers per value
+        net_class, depth_arg = CONDITIONERS[self.conditioner]
         net = net_class(
-            c, per_channel * c, width=self.hidden, activation=self.activation, rngs=rngs, **depth
-        )
-        if self.coupling == "affine":
+            c, per_channel * c, width=self.hidden, activation=self.activation, rngs=rngs,
+            **{depth_arg: self.blocks},
+        )  # fmt: skip
+        if not spline:
             return AffineCoupling(mask, net)
         return SplineCoupling(mask, net, bins=self.bins, bound=self.bound)
 
@@ -120,7 +122,7 @@ def _couplings(name: str, hidden, blocks, activation, conditioner, coupling, bin
     """The checked :class:`_Couplings` of constructor ``name``."""
     if conditioner not in CONDITIONERS:
         raise ValueError(
-            f"{name}: conditioner must be one of {CONDITIONERS}, received {conditioner!r}"
+            f"{name}: conditioner must be one of {tuple(CONDITIONERS)}, received {conditioner!r}"
         )
     if coupling not in COUPLINGS:
         raise ValueError(f"{name}: coupling must be one of {COUPLINGS}, received {coupling!r}")
