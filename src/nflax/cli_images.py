@@ -21,11 +21,17 @@ from nflax.image_data import image_names
 # validated and kept as a moving average of the parameters, `ema`). The MNIST sets keep the
 # recipe (and, below, the ResNet conditioner) their figures were measured with.
 IMAGE_RECIPE = {
-    "digits": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "patience": 500, "iw_samples": 128},
+    "digits": {
+        "steps": 2000,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "patience": 500,
+        "iw_samples": 128,
+        "ema": 0.999,
+    },  # fmt: skip
     "mnist_5k": {"steps": 500, "batch_size": 64, "lr": 1e-3, "patience": 300, "iw_samples": 32},
     "mnist": {"steps": 20000, "batch_size": 128, "lr": 1e-3, "patience": 2000, "iw_samples": 32},
 }
-IMAGE_RECIPE["digits"]["ema"] = 0.999
 IMAGE_RECIPE["fashion_mnist"] = IMAGE_RECIPE["mnist"]
 IMAGE_WEIGHT_DECAY = 0.0  # plain adam: the strong 2-D default (3) is for tails of toy sets
 # the image flows' shape per set: (levels, depth, hidden); 28×28 takes 3 levels (7×7 last)
