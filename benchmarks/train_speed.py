@@ -12,8 +12,8 @@ scale ``tanh(s / e^c) · e^c``), MLP conditioners (``--hidden``, tanh), a standa
   ``chunk`` steps per call (about 500, fit's chunk size), batches gathered on the device: its
   compute without the Python loop, the most that removing the loop alone can gain.
 * nflax: ``nflax.fit(flow, x, batch_size=..., progress=False)`` with ``fit``'s default
-  optimizer (``optax.adamw(1e-3)`` over one flat parameter vector,
-  ``nflax.training.default_fit_optimizer(--lr)``) and the library defaults
+  optimizer (``optax.adamw(--lr)``, ``nflax.training.default_fit_optimizer``) and the library
+  defaults
   (``Stack(unroll="auto")``), started from the baseline's initial weights (``--no-same-init``
   for its own).
 * optional rows: ``--scanned-row`` fit with the layer scan not unrolled (``unroll=False``),
@@ -695,11 +695,15 @@ def print_summary(args, rows, locks) -> None:
     def verdict(batch, base, lim, ours, scan_x, ours_x, of_limit, measure):
         full = batch >= args.num_points
         want = TARGETS["full" if full else "minibatch"]
-        ok = ours_x >= want and of_limit >= TARGETS["of_limit"]
+        word = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+        # × baseline depends on the CPU: where the limit itself is under the target, no
+        # implementation that only removes the loop can reach it
+        reachable = "" if scan_x >= want else f", out of reach: the limit itself is {scan_x:.2f}×"
         print(
             f"  batch {batch:>5} ({'full' if full else 'minibatch'}), {measure}: baseline "
             f"{base:,.0f}/s; limit {lim:,.0f}/s = {scan_x:.2f}×; default fit {ours:,.0f}/s = "
-            f"{ours_x:.2f}×, {of_limit:.0%} of the limit: {'met' if ok else 'MISSED'}"
+            f"{ours_x:.2f}× (≥ {want}×: {word(ours_x >= want)}{reachable}), {of_limit:.0%} of "
+            f"the limit (≥ {TARGETS['of_limit']:.0%}: {word(of_limit >= TARGETS['of_limit'])})"
         )
 
     for lk in locks:
