@@ -698,7 +698,7 @@ def print_summary(args, rows, locks) -> None:
         word = lambda ok: "met" if ok else "MISSED"  # noqa: E731
         # × baseline depends on the CPU: where the limit itself is under the target, no
         # implementation that only removes the loop can reach it
-        reachable = "" if scan_x >= want else f", out of reach: the limit itself is {scan_x:.2f}×"
+        reachable = "" if scan_x >= want else f", out of reach: the limit itself is {scan_x:.3f}×"
         print(
             f"  batch {batch:>5} ({'full' if full else 'minibatch'}), {measure}: baseline "
             f"{base:,.0f}/s; limit {lim:,.0f}/s = {scan_x:.2f}×; default fit {ours:,.0f}/s = "
