@@ -250,7 +250,7 @@ def permutation(key: Array, n: int) -> Array:
     random_bits = 32 - pos_bits
     if random_bits < 8:
         return jax.random.permutation(key, n).astype(jnp.int32)
-    rounds = max(1, -(-3 * max(1, n - 1).bit_length() // random_bits))
+    rounds = -(-3 * pos_bits // random_bits)  # ⌈3·⌈log₂ n⌉ / random bits⌉ ≥ 1
     positions = jnp.arange(n, dtype=jnp.uint32)
     perm = None
     for k in jax.random.split(key, rounds):
@@ -421,8 +421,9 @@ def fit(
       optimizer: an optax transformation, default ``optax.adamw(1e-3)``
         (:func:`default_fit_optimizer`).
       batch_size: minibatch size, default the whole training set (full batch). Batches are
-        drawn on the device, without replacement within an epoch; the last, smaller batch of an
-        epoch is masked, so it does not change any shape.
+        drawn on the device, without replacement within an epoch (a fresh :func:`permutation`
+        per epoch); the last, smaller batch of an epoch is masked, so it does not change any
+        shape.
       patience: stop when the monitored loss (validation NLL if there is a validation split,
         else the training loss) has not improved for this many steps.
       val_fraction: fraction of ``x`` held out for validation; default 0.1 when ``patience``
