@@ -252,11 +252,15 @@ def permutation(key: Array, n: int) -> Array:
         return jax.random.permutation(key, n).astype(jnp.int32)
     rounds = -(-3 * pos_bits // random_bits)  # ⌈3·⌈log₂ n⌉ / random bits⌉ ≥ 1
     positions = jnp.arange(n, dtype=jnp.uint32)
-    perm = None
-    for k in jax.random.split(key, rounds):
+
+    def one_round(k: Array) -> Array:  # positions in the order of their random keys
         packed = (jax.random.bits(k, (n,), jnp.uint32) << pos_bits) | positions
-        order = (jnp.sort(packed) & jnp.uint32((1 << pos_bits) - 1)).astype(jnp.int32)
-        perm = order if perm is None else perm[order]
+        return (jnp.sort(packed) & jnp.uint32((1 << pos_bits) - 1)).astype(jnp.int32)
+
+    first, *later = jax.random.split(key, rounds)
+    perm = one_round(first)
+    for k in later:
+        perm = perm[one_round(k)]
     return perm
 
 
